@@ -1,0 +1,36 @@
+# The README's two commands: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STORE ?= ./residuals
+
+.PHONY: venv test run redis bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+# Tests talk to a real Redis on 127.0.0.1:6379; start one when it is not answering.
+redis:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || scripts/start-redis.sh
+
+test: venv redis
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job on the embedded default: serve the directory store with the tiny backbone,
+# training two demo tasks on generated images first when the store is empty.
+run: venv
+	$(PY) -m server.demo --store $(STORE)
+	$(VENV)/bin/uda-serve --model uda-tiny-vit --pretrained $(STORE)/_demo/uda-tiny-vit.safetensors \
+		--store $(STORE) --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

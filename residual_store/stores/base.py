@@ -1,0 +1,116 @@
+"""The store interface: where residual blobs live, versioned, with change events.
+
+A store keeps, per task, numbered versions of one residual blob (the safetensors bytes of a
+uda-residual/1 file) and a pointer to the current one. Implementations: `directory.py`
+(the embedded default) and `redis_store.py` (a fleet). `open_store(url)` in `__init__` picks one.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from residual_store.errors import InvalidTaskName
+
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_KEEP = 5
+
+
+def validate_task_name(task: object) -> str:
+    """Return `task` if it is a legal task name, else raise InvalidTaskName naming the rule."""
+    if not isinstance(task, str) or not TASK_NAME_RE.fullmatch(task) or task in (".", ".."):
+        shown = repr(task)[:80]
+        raise InvalidTaskName(
+            f"invalid task name {shown}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit (e.g. 'Ar2Cl')"
+        )
+    return task
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionInfo:
+    """One stored version of a task's residual."""
+
+    task: str
+    version: int  # strictly increasing per task, starts at 1
+    sha256: str  # hex digest of the blob's bytes, checked on every read
+    size: int  # blob size in bytes
+    created: float  # unix time of the publish
+    metadata: dict[str, str]  # the safetensors header metadata of the blob
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """A task and its current version."""
+
+    task: str
+    current: VersionInfo
+    versions: tuple[int, ...]  # retained versions, ascending
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreEvent:
+    """A change notification; servers drop or refresh their cached copy of `task`."""
+
+    kind: Literal["publish", "rollback", "delete"]
+    task: str
+    version: int | None  # the new current version (None after delete)
+    sha256: str | None
+
+
+class ResidualStore(abc.ABC):
+    """Versioned residual blobs, one current version per task.
+
+    Guarantees every implementation keeps (tests/residual_store/test_store_conformance.py):
+    - publish is atomic: readers see the old or the new version, never a mix; a crash mid
+      publish leaves the old one current;
+    - versions strictly increase per task, also under concurrent publishers;
+    - rollback makes an older retained version current again by publishing its bytes as a new
+      version (so versions never go backwards for readers);
+    - the last `keep` versions are retained;
+    - every blob's sha256 is checked on read (IntegrityError when it differs);
+    - blobs are validated as uda-residual/1 files on publish (ResidualFormatError otherwise).
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    def publish(self, task: str, blob: bytes) -> VersionInfo: ...
+
+    @abc.abstractmethod
+    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
+        """The blob of `version` (default: current). UnknownTask if absent."""
+
+    @abc.abstractmethod
+    def info(self, task: str, version: int | None = None) -> VersionInfo:
+        """Metadata of `version` (default: current) without reading the blob."""
+
+    @abc.abstractmethod
+    def versions(self, task: str) -> list[VersionInfo]: ...
+
+    @abc.abstractmethod
+    def list_tasks(self) -> list[TaskInfo]: ...
+
+    @abc.abstractmethod
+    def current_versions(self) -> dict[str, tuple[int, str]]:
+        """task -> (current version, sha256): the cheap call a server reconciles with."""
+
+    @abc.abstractmethod
+    def delete(self, task: str) -> None: ...
+
+    @abc.abstractmethod
+    def rollback(self, task: str, version: int) -> VersionInfo: ...
+
+    @abc.abstractmethod
+    def events(self, stop: Any = None) -> Iterator[StoreEvent]:
+        """Yield change events until `stop` (a threading.Event) is set; may miss events,
+        so followers also reconcile with current_versions() periodically."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+
+    def close(self) -> None:
+        """Release connections."""
