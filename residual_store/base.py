@@ -90,10 +90,9 @@ class BaseSpec:
             if not Path(pretrained).is_file():
                 raise BaseModelError(f"checkpoint {pretrained!r} not found: pass an existing "
                                      ".pt/.bin/.safetensors file or a pretrained tag")
-            with _seeded(RANDOM_SEED):
-                model = open_clip.create_model(name, pretrained=None, device="cpu")
             try:
-                open_clip.load_checkpoint(model, pretrained, strict=True, weights_only=True)
+                model = open_clip.create_model(name, pretrained=pretrained, device="cpu",
+                                               weights_only=True)
             except Exception as e:  # open_clip raises RuntimeError/KeyError/pickle errors alike
                 raise BaseModelError(f"checkpoint {pretrained!r} does not fit model {name}: {e}") from e
         else:

@@ -1,0 +1,397 @@
+"""The fleet store: residuals in Redis, change events on Redis pub/sub.
+
+Keys, all under the prefix `p` (default "uda:"; several deployments can share one Redis):
+
+    {p}seq:{task}          INCR counter: version numbers, never reused (kept across delete)
+    {p}blob:{task}:{n}     the blob bytes of version n
+    {p}index:{task}        hash: "current" -> n, "v:{n}" -> JSON {sha256, size, created, metadata}
+    {p}tasks               set of task names that have a current version
+    channel {p}events      JSON {"kind", "task", "version", "sha256"} per change
+
+A publish takes a number with INCR, SETs the blob with a TTL (so a publisher killed right here
+leaves nothing behind for long), then runs one Lua script that persists the blob and moves the
+index. The script moves "current" only forward, so concurrent publishers never move it back
+and the index never names a missing blob. Reads use only read commands (GET, HGETALL,
+SMEMBERS) and SUBSCRIBE, so servers can run under a read-only ACL user (+@read +ping
++subscribe on ~{p}* and &{p}events); publishers also need INCR, SET, EVALSHA/EVAL.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from residual_store.errors import IntegrityError, ResidualStoreError, StoreUnavailable, UnknownTask
+from residual_store.stores.base import (
+    DEFAULT_KEEP,
+    TASK_NAME_RE,
+    ResidualStore,
+    StoreEvent,
+    TaskInfo,
+    VersionInfo,
+    validate_task_name,
+)
+
+logger = logging.getLogger(__name__)
+
+PENDING_BLOB_TTL_MS = 3_600_000  # a blob not yet indexed expires unless the index script runs
+_READ_RETRIES = 3  # a blob trimmed between reading the index and GETting it: read again
+_EVENT_POLL_S = 0.5  # how often events() looks at its stop Event
+_BACKOFF_MAX_S = 5.0
+
+# KEYS: index, new blob, tasks set. ARGV: version, record JSON, keep, blob key prefix, task,
+# channel, event JSON. Trimmed blob keys are built from ARGV[4] (fine on a single Redis).
+_PUBLISH_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('blob of version ' .. ARGV[1] .. ' expired before it was indexed')
+end
+redis.call('PERSIST', KEYS[2])
+redis.call('HSET', KEYS[1], 'v:' .. ARGV[1], ARGV[2])
+local moved = 0
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'current') or '0') then
+  redis.call('HSET', KEYS[1], 'current', ARGV[1])
+  moved = 1
+end
+local vs = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 2) == 'v:' then table.insert(vs, tonumber(string.sub(f, 3))) end
+end
+table.sort(vs)
+for i = 1, #vs - tonumber(ARGV[3]) do
+  redis.call('HDEL', KEYS[1], 'v:' .. string.format('%d', vs[i]))
+  redis.call('DEL', ARGV[4] .. string.format('%d', vs[i]))
+end
+redis.call('SADD', KEYS[3], ARGV[5])
+if moved == 1 then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return moved
+"""
+
+# KEYS: index, tasks set. ARGV: blob key prefix, task, channel, event JSON.
+_DELETE_LUA = """
+local fields = redis.call('HKEYS', KEYS[1])
+if #fields == 0 then return 0 end
+for _, f in ipairs(fields) do
+  if string.sub(f, 1, 2) == 'v:' then redis.call('DEL', ARGV[1] .. string.sub(f, 3)) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+
+def _inspect(blob: bytes) -> dict[str, str]:
+    # Imported at call time: the stores only need the format check when writing.
+    from residual_store.residual import inspect_blob
+
+    return inspect_blob(blob)
+
+
+def _split_url(url: str, prefix: str | None) -> tuple[str, str, str, str]:
+    """(URL for redis-py without our `prefix` query, prefix, host:port, URL safe to print)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a Redis URL: {url!r}; use e.g. redis://redis:6379/0?prefix=uda:")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    url_prefix = next((v for k, v in query if k == "prefix"), None)
+    if prefix is not None and url_prefix is not None and prefix != url_prefix:
+        raise ValueError(f"two prefixes given: {prefix!r} (argument) and {url_prefix!r} (URL)")
+    prefix = prefix if prefix is not None else url_prefix if url_prefix is not None else "uda:"
+    if not prefix or any(c in prefix for c in "*?[] \t\n"):
+        raise ValueError(f"invalid key prefix {prefix!r}: use e.g. 'uda:' (no spaces or *?[])")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    clean = urlunsplit(parts._replace(query=rest))
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if parts.password:  # never print a password
+        netloc = f"{parts.username or ''}:***@{netloc}"
+    shown = urlunsplit(parts._replace(netloc=netloc))
+    return clean, prefix, where, shown
+
+
+class RedisStore(ResidualStore):
+    """Versioned residuals in one Redis; see the module docstring for the key layout."""
+
+    def __init__(self, url: str, prefix: str | None = None, keep: int = DEFAULT_KEEP,
+                 socket_timeout: float = 5.0):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1 (e.g. keep=5), got {keep!r}")
+        clean, self.prefix, self._where, self.url = _split_url(url, prefix)
+        self.keep = keep
+        kwargs: dict[str, Any] = {}
+        if not urlsplit(url).password and os.environ.get("REDIS_PASSWORD"):
+            kwargs["password"] = os.environ["REDIS_PASSWORD"]
+        # No connection is made here: redis-py connects on the first command.
+        self._r = redis.Redis.from_url(
+            clean, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+            # two quick retries for a blip; an outage must surface fast as StoreUnavailable
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            health_check_interval=30, **kwargs)
+        self._socket_timeout = socket_timeout
+        self._publish_script = self._r.register_script(_PUBLISH_LUA)
+        self._delete_script = self._r.register_script(_DELETE_LUA)
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, keep={self.keep})"
+
+    # -- keys and errors ---------------------------------------------------------------------
+
+    def _key(self, kind: str, task: str = "", version: int | None = None) -> str:
+        key = f"{self.prefix}{kind}"
+        if task:
+            key += f":{task}"
+        if version is not None:
+            key += f":{version}"
+        return key
+
+    @property
+    def _channel(self) -> str:
+        return f"{self.prefix}events"
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Translate redis-py errors into the store's domain errors, naming what to check."""
+        try:
+            yield
+        except redis.AuthenticationError as e:
+            raise StoreUnavailable(f"Redis at {self._where} refused the credentials ({e}): "
+                                   "check the user/password in the URL or REDIS_PASSWORD") from e
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(
+                f"Redis at {self._where} is unreachable ({e}): check that redis-server runs "
+                f"there and the host/port of {self.url}") from e
+        except redis.exceptions.NoPermissionError as e:
+            raise StoreUnavailable(f"Redis at {self._where} denied a command ({e}): check the "
+                                   f"ACL of this user (writes need the keys {self.prefix}*)") from e
+        except redis.RedisError as e:
+            raise ResidualStoreError(f"Redis at {self._where}: {e}") from e
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _parse_index(self, task: str,
+                     raw: dict[bytes, bytes]) -> tuple[int, dict[int, VersionInfo]]:
+        """(current, version -> info) from an index hash; UnknownTask when it is empty."""
+        if not raw or b"current" not in raw:
+            raise UnknownTask(f"unknown task {task!r} in {self.url}")
+        try:
+            versions = {}
+            for field, value in raw.items():
+                if field.startswith(b"v:"):
+                    n = int(field[2:])
+                    rec = json.loads(value)
+                    versions[n] = VersionInfo(task=task, version=n, sha256=rec["sha256"],
+                                              size=int(rec["size"]), created=float(rec["created"]),
+                                              metadata=dict(rec["metadata"]))
+            current = int(raw[b"current"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"corrupt index {self._key('index', task)}: {e}") from e
+        if current not in versions:
+            raise IntegrityError(f"index {self._key('index', task)} names a missing version")
+        return current, versions
+
+    def _index(self, task: str) -> tuple[int, dict[int, VersionInfo]]:
+        validate_task_name(task)
+        with self._errors():
+            raw = self._r.hgetall(self._key("index", task))
+        return self._parse_index(task, raw)
+
+    def _pick(self, task: str, version: int | None) -> VersionInfo:
+        current, versions = self._index(task)
+        v = current if version is None else version
+        if v not in versions:
+            kept = ", ".join(str(n) for n in sorted(versions))
+            raise UnknownTask(f"task {task!r} has no version {v} (retained: {kept})")
+        return versions[v]
+
+    def info(self, task: str, version: int | None = None) -> VersionInfo:
+        return self._pick(task, version)
+
+    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
+        attempt = 0
+        while True:
+            attempt += 1
+            info = self._pick(task, version)
+            with self._errors():
+                blob = self._r.get(self._key("blob", task, info.version))
+            if blob is None:
+                if attempt < _READ_RETRIES:
+                    continue  # trimmed by a concurrent publish: the fresh index tells
+                raise IntegrityError(f"{self._key('blob', task, info.version)} is missing "
+                                     "but indexed")
+            if hashlib.sha256(blob).hexdigest() != info.sha256:
+                raise IntegrityError(f"{self._key('blob', task, info.version)}: sha256 differs "
+                                     f"from the one published ({info.sha256[:12]}...)")
+            return info, blob
+
+    def versions(self, task: str) -> list[VersionInfo]:
+        _, versions = self._index(task)
+        return [versions[v] for v in sorted(versions)]
+
+    def list_tasks(self) -> list[TaskInfo]:
+        with self._errors():
+            members = self._r.smembers(self._key("tasks"))
+            names = sorted(n.decode("utf-8", "replace") for n in members)
+            names = [n for n in names if TASK_NAME_RE.fullmatch(n)]  # ignore foreign junk
+            # transaction=False: no MULTI, which a read-only ACL user may not run
+            pipe = self._r.pipeline(transaction=False)
+            for task in names:
+                pipe.hgetall(self._key("index", task))
+            raws = pipe.execute()
+        out = []
+        for task, raw in zip(names, raws):
+            if not raw:
+                continue  # deleted between SMEMBERS and HGETALL
+            try:
+                current, versions = self._parse_index(task, raw)
+            except IntegrityError as e:
+                # One damaged task must not hide the others from servers; `verify` reports it.
+                logger.warning("skipping task %r in %s: %s", task, self.url, e)
+                continue
+            out.append(TaskInfo(task=task, current=versions[current],
+                                versions=tuple(sorted(versions))))
+        return out
+
+    def current_versions(self) -> dict[str, tuple[int, str]]:
+        return {t.task: (t.current.version, t.current.sha256) for t in self.list_tasks()}
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def publish(self, task: str, blob: bytes) -> VersionInfo:
+        validate_task_name(task)
+        metadata = _inspect(blob)  # refuse an invalid blob before touching the store
+        return self._publish(task, bytes(blob), metadata, rolled_back_from=None)
+
+    def rollback(self, task: str, version: int) -> VersionInfo:
+        info, blob = self.get(task, version)
+        return self._publish(task, blob, info.metadata, rolled_back_from=version)
+
+    def _publish(self, task: str, blob: bytes, metadata: dict[str, str],
+                 rolled_back_from: int | None) -> VersionInfo:
+        metadata = dict(metadata)
+        metadata.pop("rolled_back_from", None)
+        if rolled_back_from is not None:
+            metadata["rolled_back_from"] = str(rolled_back_from)
+        sha = hashlib.sha256(blob).hexdigest()
+        kind = "publish" if rolled_back_from is None else "rollback"
+        with self._errors():
+            version = int(self._r.incr(self._key("seq", task)))
+            info = VersionInfo(task=task, version=version, sha256=sha, size=len(blob),
+                               created=time.time(), metadata=metadata)
+            blob_key = self._key("blob", task, version)
+            self._r.set(blob_key, blob, px=PENDING_BLOB_TTL_MS)
+            record = {"sha256": sha, "size": len(blob), "created": info.created,
+                      "metadata": metadata}
+            event = {"kind": kind, "task": task, "version": version, "sha256": sha}
+            moved = self._publish_script(
+                keys=[self._key("index", task), blob_key, self._key("tasks")],
+                args=[version, json.dumps(record), self.keep, self._key("blob", task) + ":",
+                      task, self._channel, json.dumps(event)])
+        if not moved:  # a concurrent publisher took a higher number first and stays current
+            logger.warning("%s v%d was stored, but a higher version is current already",
+                           task, version)
+        logger.info("published %s v%d (%d bytes) to %s", task, version, len(blob), self.url)
+        return info
+
+    def delete(self, task: str) -> None:
+        validate_task_name(task)
+        event = {"kind": "delete", "task": task, "version": None, "sha256": None}
+        with self._errors():
+            found = self._delete_script(
+                keys=[self._key("index", task), self._key("tasks")],
+                args=[self._key("blob", task) + ":", task, self._channel, json.dumps(event)])
+        if not found:
+            raise UnknownTask(f"unknown task {task!r} in {self.url}")
+        logger.info("deleted %s from %s", task, self.url)
+
+    # -- events, health ----------------------------------------------------------------------
+
+    def events(self, stop: Any = None) -> Iterator[StoreEvent]:
+        """Yield events from {prefix}events until `stop` is set, reconnecting after outages.
+
+        Subscribes now, at the call (when Redis answers), so a publish made after events()
+        returns is delivered. Events sent while disconnected are lost: followers also
+        reconcile with current_versions().
+        """
+        state = {"warned": False}
+        return self._listen(self._subscribe(state), stop, state)
+
+    def _subscribe(self, state: dict[str, bool]) -> Any:
+        """A subscribed PubSub, or None (after one warning per outage) when Redis is down."""
+        pubsub = self._r.pubsub()
+        try:
+            pubsub.subscribe(self._channel)
+            deadline = time.monotonic() + self._socket_timeout
+            while time.monotonic() < deadline:  # wait for the server to confirm
+                msg = pubsub.get_message(timeout=0.1)
+                if msg and msg["type"] == "subscribe":
+                    break
+        except redis.RedisError as e:
+            pubsub.close()
+            if not state["warned"]:
+                logger.warning("events from Redis at %s paused (%s); reconnecting", self._where, e)
+                state["warned"] = True
+            return None
+        if state["warned"]:
+            logger.info("events from Redis at %s resumed", self._where)
+            state["warned"] = False
+        return pubsub
+
+    def _listen(self, pubsub: Any, stop: Any, state: dict[str, bool]) -> Iterator[StoreEvent]:
+        backoff = 0.1
+        try:
+            while not (stop is not None and stop.is_set()):
+                if pubsub is None:
+                    if stop is not None and stop.wait(backoff):
+                        return
+                    if stop is None:
+                        time.sleep(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                    pubsub = self._subscribe(state)
+                    continue
+                try:
+                    msg = pubsub.get_message(ignore_subscribe_messages=True,
+                                             timeout=_EVENT_POLL_S)
+                except redis.RedisError as e:
+                    if not state["warned"]:
+                        logger.warning("lost Redis events at %s (%s); reconnecting",
+                                       self._where, e)
+                        state["warned"] = True
+                    pubsub.close()
+                    pubsub = None
+                    continue
+                backoff = 0.1
+                event = self._parse_event(msg) if msg else None
+                if event is not None:
+                    yield event
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+
+    def _parse_event(self, msg: dict[str, Any]) -> StoreEvent | None:
+        try:
+            d = json.loads(msg["data"])
+            event = StoreEvent(kind=d["kind"], task=validate_task_name(d["task"]),
+                               version=d["version"], sha256=d["sha256"])
+            if event.kind not in ("publish", "rollback", "delete"):
+                raise ValueError(f"unknown kind {event.kind!r}")
+            return event
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("ignoring malformed event on %s: %s", self._channel, e)
+            return None
+
+    def ping(self) -> None:
+        with self._errors():
+            self._r.ping()
+
+    def close(self) -> None:
+        self._r.close()
