@@ -140,7 +140,16 @@ def to_bytes(residual: Residual, values_dtype: torch.dtype = torch.float32) -> b
     for key, t in residual.head.items():
         tensors[f"head.{key}"] = t.contiguous()
     metadata = dict(residual.metadata, format=FORMAT, dsp=str(residual.dsp))
-    return st_save(tensors, metadata=metadata)
+    return _canonical_header(st_save(tensors, metadata=metadata))
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """Rewrite the header with sorted keys: safetensors orders metadata differently from call to
+    call, and the same residual must always give the same bytes (its sha256 is its identity)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    text = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def from_bytes(blob: bytes) -> Residual:
