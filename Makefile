@@ -25,12 +25,12 @@ redis:
 test: venv redis
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job on the embedded default: serve the directory store with the tiny backbone,
-# training two demo tasks on generated images first when the store is empty.
+# The main job on the embedded default: serve the directory store with the tiny backbone
+# (seeded random weights, no download), training two demo tasks on generated images first
+# when the store is empty.
 run: venv
-	$(PY) -m server.demo --store $(STORE)
-	$(VENV)/bin/uda-serve --model uda-tiny-vit --pretrained $(STORE)/_demo/uda-tiny-vit.safetensors \
-		--store $(STORE) --host $(HOST) --port $(PORT)
+	$(PY) -m trainer.demo --store $(STORE)
+	$(VENV)/bin/uda-serve --model uda-tiny-vit --store $(STORE) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
