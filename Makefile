@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STORE ?= ./residuals
 
-.PHONY: venv test run redis bench clean
+.PHONY: venv test run redis prometheus clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ venv: $(STAMP)
 redis:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || scripts/start-redis.sh
 
-test: venv redis
+# tests/ops run a real Prometheus (Debian's package) against a live server.
+prometheus:
+	@scripts/ensure-prometheus.sh
+
+test: venv redis prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job on the embedded default: serve the directory store with the tiny backbone
