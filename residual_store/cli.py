@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
+        # --store is also accepted after the subcommand (`uda-store import F --store URL`);
+        # SUPPRESS keeps the global value when it is not repeated here.
+        p.add_argument("--store", default=argparse.SUPPRESS, help="store URL (as above)")
         p.set_defaults(func=func)
         return p
 

@@ -136,7 +136,9 @@ def to_bytes(residual: Residual, values_dtype: torch.dtype = torch.float32) -> b
     for name, (idx, val) in residual.deltas.items():
         idx_dtype = torch.int32 if idx.numel() == 0 or int(idx.max()) < 2**31 - 1 else torch.int64
         tensors[f"visual.{name}.indices"] = idx.to(idx_dtype).contiguous()
-        tensors[f"visual.{name}.values"] = val.to(values_dtype).contiguous()
+        tensors[f"visual.{name}.values"] = values = val.to(values_dtype).contiguous()
+        if not bool(torch.isfinite(values).all()):  # would write a file that from_bytes refuses
+            raise ValueError(f"visual.{name}: deltas are NaN/Inf or overflow {values_dtype}")
     for key, t in residual.head.items():
         tensors[f"head.{key}"] = t.contiguous()
     metadata = dict(residual.metadata, format=FORMAT, dsp=str(residual.dsp))
@@ -225,15 +227,23 @@ def _read_header(blob: bytes) -> dict[str, str]:
 
 def _check_entry(name: str, info: object, data_len: int) -> None:
     try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        numel = math.prod(int(d) for d in shape)
-    except (TypeError, KeyError, ValueError) as e:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError) as e:
         raise ResidualFormatError(f"tensor {name!r}: malformed header entry") from e
+    # Types first: a string offset or a list dtype must not escape as TypeError from the checks below.
+    if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(type(v) is int for v in (*shape, *offsets))
+            and all(d >= 0 for d in shape)):
+        raise ResidualFormatError(f"tensor {name!r}: malformed header entry")
     if dtype not in _ST_DTYPES:
         raise ResidualFormatError(f"tensor {name!r}: unsupported dtype {dtype}")
-    if not (0 <= begin <= end <= data_len) or end - begin != numel * _ST_DTYPES[dtype]:
+    begin, end = offsets
+    if not (0 <= begin <= end) or end - begin != math.prod(shape) * _ST_DTYPES[dtype]:
         raise ResidualFormatError(f"tensor {name!r}: data offsets {begin}..{end} do not fit "
-                                  f"shape {shape} or the file's {data_len} data bytes")
+                                  f"shape {shape} of {dtype}")
+    if end > data_len:
+        raise ResidualFormatError(f"truncated file: tensor {name!r} ends at data byte {end}, "
+                                  f"the file has {data_len}")
 
 
 def _split_tensors(tensors: dict[str, torch.Tensor]):
@@ -242,7 +252,7 @@ def _split_tensors(tensors: dict[str, torch.Tensor]):
     for key, t in tensors.items():
         if key.startswith("head."):
             head[key[5:]] = t
-        elif key.startswith("visual.") and key.endswith((".indices", ".values")):
+        elif key.startswith("visual.") and key.endswith((".indices", ".values")) and key.count(".") >= 2:
             name, kind = key[7:].rsplit(".", 1)
             deltas.setdefault(name, [None, None])[kind == "values"] = t
         else:

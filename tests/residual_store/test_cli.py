@@ -149,3 +149,13 @@ def test_usage_errors_exit_2(capsys, argv):
 def test_help_exits_0(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "rollback" in out
+
+
+
+def test_store_flag_after_the_subcommand(capsys, tmp_path, residual_file):
+    target = tmp_path / "after"
+    code, out, _ = run(capsys, "--store", str(tmp_path / "unused"), "import", residual_file,
+                       "--task", "Cl2Pr", "--store", str(target))
+    assert code == 0 and str(target) in out
+    assert [t.task for t in DirectoryStore(target).list_tasks()] == ["Cl2Pr"]
+    assert DirectoryStore(tmp_path / "unused").list_tasks() == []
