@@ -1,0 +1,45 @@
+"""Fixtures for the trainer tests: a tiny generated image world and a `train` helper that runs
+`uda-train` main() with fast settings (tiny models, a few steps, no worker processes)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trainer import cli
+from trainer.demo import make_shapes_world
+
+CLASSES = ("circle", "square", "triangle")
+FAST = ("--pretrained", "random", "--epochs", "1", "--iters-per-epoch", "3", "--batch-size", "4",
+        "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head-lr-mult", "10",
+        "--eval-batch-size", "16")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Read-only: photo/sketch domains, 3 classes x 5 images of 40 px. Copy before changing."""
+    return make_shapes_world(tmp_path_factory.mktemp("world"), classes=CLASSES, per_class=5, size=40)
+
+
+@pytest.fixture
+def world_copy(world, tmp_path) -> dict[str, Path]:
+    """A private, modifiable copy of the world."""
+    out = {}
+    for name, path in world.items():
+        out[name] = tmp_path / "data" / name
+        shutil.copytree(path, out[name])
+    return out
+
+
+@pytest.fixture
+def train(world):
+    """train(workdir, *extra, model=..., source=..., target=...) -> main()'s exit code."""
+
+    def run(workdir: Path, *extra: str, model: str = "uda-tiny-vit", source: Path | None = None,
+            target: Path | None = None) -> int:
+        argv = ["--source", str(source or world["photo"]), "--target", str(target or world["sketch"]),
+                "--model", model, *FAST, "--workdir", str(workdir), *extra]
+        return cli.main(argv)
+
+    return run

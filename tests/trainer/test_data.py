@@ -1,0 +1,88 @@
+"""Domain folders: missing/empty folders, class mismatches, unreadable files, tiny domains, and
+sampling that is a pure function of (seed, domain, step) and blind to target class folders."""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from trainer import data
+from trainer.errors import DataError
+
+
+def test_missing_and_empty_domains(tmp_path, world):
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_domains(tmp_path / "nope", world["sketch"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no class folders"):
+        data.load_domains(world["photo"], tmp_path / "empty")
+    (tmp_path / "hollow" / "circle").mkdir(parents=True)
+    with pytest.raises(DataError, match="no readable images"):
+        data.scan_domain(tmp_path / "hollow", ["circle"], "target")
+
+
+def test_class_mismatch_lists_every_difference(world_copy):
+    (world_copy["sketch"] / "square").rename(world_copy["sketch"] / "rectangle")
+    (world_copy["sketch"] / "triangle" / "extra").mkdir()
+    (world_copy["sketch"] / "hexagon").mkdir()
+    with pytest.raises(DataError) as err:
+        data.load_domains(world_copy["photo"], world_copy["sketch"])
+    msg = str(err.value)
+    assert "only in source ['square']" in msg
+    assert "only in target ['hexagon', 'rectangle']" in msg
+
+
+def test_unreadable_files_are_skipped_and_counted(world_copy, caplog):
+    folder = world_copy["sketch"] / "circle"
+    (folder / "notes.txt").write_text("not an image")
+    good = sorted(folder.glob("*.png"))[0].read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored, not counted
+    _, target = data.load_domains(world_copy["photo"], world_copy["sketch"])
+    assert sorted(s.path.rsplit("/", 1)[1] for s in target.skipped) == ["notes.txt", "truncated.png"]
+    assert len(target.files) == 15
+    warnings = [r for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warnings) == 2
+
+
+def test_display_names_from_classes_file(tmp_path):
+    f = tmp_path / "names.txt"
+    f.write_text("Round thing\nBox\n")
+    with pytest.raises(DataError, match="2 names for 3 class folders"):
+        data.display_names(["a", "b", "c"], f)
+    f.write_text("Round thing\nBox\nPointy\n")
+    assert data.display_names(["a", "b", "c"], f) == ["Round thing", "Box", "Pointy"]
+
+
+def test_sampler_is_a_function_of_the_step_and_covers_small_domains():
+    whole = data.StepSampler(n=3, batch=8, seed=42, domain=data.TARGET, start=0, stop=6)
+    batches = list(whole)
+    tail = list(data.StepSampler(n=3, batch=8, seed=42, domain=data.TARGET, start=4, stop=6))
+    assert batches[4:] == tail  # resuming at step 4 gives the same images and augmentations
+    assert all(len(b) == 8 for b in batches)
+    firsts = [i for i, _ in batches[0]]
+    assert sorted(firsts[:3]) == [0, 1, 2]  # each pass over the domain is a permutation
+    other = list(data.StepSampler(n=3, batch=8, seed=42, domain=data.SOURCE, start=0, stop=6))
+    assert other != batches
+
+
+def test_training_views_depend_only_on_the_seed(world):
+    source, _ = data.load_domains(world["photo"], world["sketch"])
+    ds = data.TrainImages(source.files, source.labels, [data.train_transform(32)])
+    a, la = ds[(2, 123)]
+    b, lb = ds[(2, 123)]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and la == lb
+
+
+def test_target_training_order_ignores_class_folders(world_copy):
+    _, before = data.load_domains(world_copy["photo"], world_copy["sketch"])
+    order = [p.name for p in data.target_training_order(before)]
+    sk = world_copy["sketch"]
+    (sk / "circle").rename(sk / "tmp")
+    (sk / "square").rename(sk / "circle")
+    (sk / "tmp").rename(sk / "square")
+    _, after = data.load_domains(world_copy["photo"], world_copy["sketch"])
+    assert [p.name for p in data.target_training_order(after)] == order
+    label_of = lambda d: {p.name: y for p, y in zip(d.files, d.labels)}  # noqa: E731
+    assert label_of(after) != label_of(before)  # the evaluation labels did change
+    ds = data.TrainImages(data.target_training_order(after), None, [data.train_transform(32)])
+    assert len(ds[(0, 1)]) == 1  # the target training set carries no label

@@ -1,0 +1,209 @@
+"""uda-train end to end on generated folders with the tiny ViT and ResNet: a few steps each."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from residual_store import BaseSpec, FlatParams, check_compatible, fingerprint, from_bytes
+from residual_store.stores import open_store
+from trainer import cli
+from trainer.config import TrainConfig
+from trainer.export import ARTIFACT, evaluate_artifact, export
+from trainer.loop import Trainer
+
+
+def residual_of(workdir: Path):
+    return from_bytes((workdir / ARTIFACT).read_bytes())
+
+
+def same_tensors(a, b) -> bool:
+    if set(a.deltas) != set(b.deltas) or set(a.head) != set(b.head):
+        return False
+    return all(torch.equal(a.deltas[k][0], b.deltas[k][0]) and torch.equal(a.deltas[k][1], b.deltas[k][1])
+               for k in a.deltas) and all(torch.equal(a.head[k], b.head[k]) for k in a.head)
+
+
+def log_lines(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["uda-tiny-vit", "uda-tiny-rn"])
+def test_cmkd_rst_trains_exports_and_publishes(train, tmp_path, model, capsys):
+    store_dir = tmp_path / "store"
+    assert train(tmp_path / "run", "--rst", "--publish", str(store_dir), "--task", "p2s", model=model) == 0
+    out = capsys.readouterr().out
+    assert "published task p2s version 1" in out
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        for key in ("cls", "task", "distill", "reg", "total", "lr", "head_lr", "ramp"):
+            assert math.isfinite(line[key]), key
+    assert lines[0]["ramp"] == 0.0 and 0 < lines[2]["ramp"] < 0.5
+    assert lines[1]["lr"] == pytest.approx(1e-3 * (1 + 3e-4) ** -0.75)
+    assert lines[0]["head_lr"] == pytest.approx(1e-2)
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    m = report["metrics"]
+    assert m["target_images"] == 15 and 0 <= m["target_accuracy"] <= 1
+    assert m["steps"] == 3 and m["skipped_files"] == 0
+    residual = residual_of(tmp_path / "run")
+    assert json.loads(residual.metadata["metrics"]) == m
+    assert m["nnz"] == residual.nnz and m["dsp"] == residual.dsp
+    assert m["fraction_changed"] == pytest.approx(residual.nnz / m["encoder_params"])
+    tau = 1e-6 if model == "uda-tiny-vit" else 1e-5
+    assert all(bool((v.abs() > tau).all()) for _, v in residual.deltas.values())
+
+    info, blob = open_store(str(store_dir)).get("p2s")
+    assert blob == (tmp_path / "run" / ARTIFACT).read_bytes()
+    base = BaseSpec(model).build()
+    check_compatible(from_bytes(blob), FlatParams(base.visual).layout, fingerprint(base.visual), 64)
+
+
+def test_resume_gives_identical_weights(train, tmp_path, capsys):
+    flags = ("--rst", "--epochs", "2", "--iters-per-epoch", "3", "--checkpoint-every", "2")
+    assert train(tmp_path / "whole", *flags) == 0
+    assert train(tmp_path / "parts", *flags, "--stop-after", "4") == 0
+    assert "continue with the same flags and --resume" in capsys.readouterr().out
+    assert not (tmp_path / "parts" / ARTIFACT).exists()
+    assert train(tmp_path / "parts", *flags, "--resume") == 0
+    assert same_tensors(residual_of(tmp_path / "whole"), residual_of(tmp_path / "parts"))
+    assert [line["step"] for line in log_lines(tmp_path / "parts")] == list(range(1, 7))
+    assert log_lines(tmp_path / "parts") == log_lines(tmp_path / "whole")
+
+
+def test_resume_refuses_other_settings(train, tmp_path, capsys):
+    assert train(tmp_path / "run", "--stop-after", "1") == 0
+    assert train(tmp_path / "run", "--resume", "--seed", "7") == 2
+    err = capsys.readouterr().err
+    assert "seed: 42 -> 7" in err and err.count("\n") == 1
+    assert train(tmp_path / "nothing", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_target_class_names_cannot_influence_training(train, world_copy, tmp_path):
+    assert train(tmp_path / "a", "--rst", source=world_copy["photo"], target=world_copy["sketch"]) == 0
+    sk = world_copy["sketch"]
+    (sk / "circle").rename(sk / "tmp")
+    (sk / "square").rename(sk / "circle")
+    (sk / "triangle").rename(sk / "square")
+    (sk / "tmp").rename(sk / "triangle")
+    assert train(tmp_path / "b", "--rst", source=world_copy["photo"], target=world_copy["sketch"]) == 0
+    assert same_tensors(residual_of(tmp_path / "a"), residual_of(tmp_path / "b"))
+
+
+def test_exported_artifact_predicts_like_the_in_memory_model(world, tmp_path):
+    cfg = TrainConfig(source=world["photo"], target=world["sketch"], model="uda-tiny-vit",
+                      pretrained=None, rst=True, epochs=1, iters_per_epoch=3, batch_size=4,
+                      lr=1e-3, head_lr_mult=10, workers=0, device="cpu", workdir=tmp_path)
+    cfg.validate()
+    trainer = Trainer(cfg)
+    trainer.setup()
+    result = trainer.train()
+    in_memory = trainer.predict(trainer.target_eval_loader())
+    exported = export(trainer, result, wall_start=0.0)
+    evaluation = evaluate_artifact(exported.blob, trainer.spec, trainer.target, trainer.input_size,
+                                   trainer.device)
+    assert exported.report["metrics"]["nnz"] > 0
+    torch.testing.assert_close(evaluation.logits, in_memory, rtol=1e-5, atol=1e-6)
+    assert torch.equal(evaluation.logits.argmax(1), in_memory.argmax(1))
+    accuracy = float((in_memory.argmax(1) == evaluation.labels).float().mean())
+    assert exported.report["metrics"]["target_accuracy"] == pytest.approx(accuracy)
+
+
+def test_zeroshot_publishes_a_servable_task(train, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert train(tmp_path / "zs", "--method", "zeroshot", "--publish", str(store), "--task", "zs") == 0
+    assert not (tmp_path / "zs" / "checkpoint.pt").exists()
+    _, blob = open_store(str(store)).get("zs")
+    residual = from_bytes(blob)
+    assert residual.nnz == 0 and residual.head_type == "cosine"
+    assert residual.classes == ["circle", "square", "triangle"]
+    model = BaseSpec("uda-tiny-vit").build()
+    check_compatible(residual, FlatParams(model.visual).layout, fingerprint(model.visual), 64)
+    # the head is CLIP zero-shot: s * normalize(z) @ T^T with T from "a photo of a {}."
+    from trainer.network import text_features
+
+    T = text_features(model, BaseSpec("uda-tiny-vit").tokenizer(), residual.classes,
+                      "a photo of a {}.", torch.device("cpu"))
+    z = torch.randn(2, 64)
+    expected = model.logit_scale.exp() * torch.nn.functional.normalize(z, dim=-1) @ T.t()
+    torch.testing.assert_close(residual.build_head()(z), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [("--fixmatch",), ("--method", "baseline")])
+def test_other_methods_train(train, tmp_path, extra):
+    assert train(tmp_path / "run", "--rst", *extra) == 0
+    lines = log_lines(tmp_path / "run")
+    assert all(math.isfinite(line["total"]) for line in lines)
+    if "--fixmatch" in extra:
+        assert all("fixmatch" in line for line in lines)
+    else:
+        assert "task" not in lines[0]
+
+
+def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path):
+    (world_copy["sketch"] / "circle" / "notes.txt").write_text("hello")
+    (world_copy["photo"] / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    assert train(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["metrics"]["skipped_files"] == 2
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.jpg", "notes.txt"]
+
+
+def test_domain_smaller_than_a_batch(train, world_copy, tmp_path):
+    for cls in ("circle", "square", "triangle"):
+        for png in sorted((world_copy["sketch"] / cls).glob("*.png"))[1:]:
+            png.unlink()
+    assert train(tmp_path / "run", "--batch-size", "8", source=world_copy["photo"],
+                 target=world_copy["sketch"]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["metrics"]["target_images"] == 3
+
+
+@pytest.mark.parametrize("argv_extra, expected", [
+    (("--tau", "-1", "--batch-size", "0"), ["--tau -1.0", "--batch-size 0"]),
+    (("--epochs", "0", "--lr", "-3"), ["--epochs 0", "--lr -3.0"]),
+])
+def test_invalid_hyperparameters_fail_before_training(train, tmp_path, capsys, argv_extra, expected):
+    assert train(tmp_path / "run", *argv_extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uda-train: error: invalid configuration") and err.count("\n") == 1
+    assert all(e in err for e in expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_folders_are_one_line_errors(train, world_copy, tmp_path, capsys):
+    assert train(tmp_path / "run", target=tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (world_copy["sketch"] / "circle").rename(world_copy["sketch"] / "ball")
+    assert train(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"]) == 2
+    err = capsys.readouterr().err
+    assert "only in source ['circle']" in err and "only in target ['ball']" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_store_keeps_the_artifact(train, tmp_path, capsys):
+    code = train(tmp_path / "run", "--publish", "redis://127.0.0.1:1/0", "--task", "p2s")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "uda-store" in err and "import" in err and str(tmp_path / "run" / ARTIFACT) in err
+    assert err.count("\n") == 1
+    residual = residual_of(tmp_path / "run")
+    assert residual.task == "p2s"
+    assert "publish_error" in json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+def test_dry_run_trains_nothing(train, tmp_path, capsys):
+    assert train(tmp_path / "run", "--dry-run", "--rst") == 0
+    out = capsys.readouterr().out
+    assert '"steps": 3' in out and "nothing was trained" in out
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_cli_main_without_args_is_a_usage_error(capsys):
+    assert cli.main([]) == 2
+    assert "--source DIR and --target DIR are required" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""`uda-train`: adapt a CLIP image encoder to a target domain (CMKD + RST) and publish it.
+
+    uda-train --source data/Art --target data/Clipart --model ViT-B-16 --pretrained openai \\
+        --method cmkd --rst --workdir runs/Ar2Cl --publish redis://redis:6379/0 --task Ar2Cl
+    uda-train --data-root data/office-home --source-domain Art --target-domain Clipart --rst
+    uda-train --source ... --target ... --method zeroshot --publish ./residuals --task Ar2Cl_zs
+
+Every flag is validated (and every problem listed at once) before anything trains; --dry-run
+stops there. Progress: a tqdm bar per epoch, workdir/train_log.jsonl (one line per step),
+workdir/checkpoint.pt (every --checkpoint-every steps and each epoch end); --resume continues
+from it and gives the same final weights as an uninterrupted run. At the end the exported
+residual (workdir/residual.safetensors) is evaluated on a freshly built base, its metrics are
+written to workdir/report.json and the residual metadata, and it is published with --publish.
+
+Several GPUs: `torchrun --nproc-per-node 4 -m trainer.cli ...` (or the `uda-train` entry
+point under torchrun). Each process trains on its own sample stream (seeded by its rank) with
+--batch-size images per domain, so the effective batch is nproc x --batch-size; gradients are
+averaged by DistributedDataParallel and RST applies the same mask on every rank. Rank 0
+writes logs and checkpoints (the workdir must be on a shared filesystem for --resume),
+evaluates the exported residual and publishes it; the other ranks exit after training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from residual_store.errors import BaseModelError, ResidualStoreError
+from trainer.config import DEVICES, METHODS, TrainConfig
+from trainer.errors import CheckpointError, ConfigError, DataError, PublishError, TrainerError
+from trainer.export import export, publish, write_report
+from trainer.loop import Trainer
+
+PROG = "uda-train"
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=PROG, description="Adapt a CLIP image encoder to a target "
+                                "domain with CMKD (+ RST) and publish the residual.")
+    g = p.add_argument_group("data (ImageFolder layout DOMAIN/<class>/<image>)")
+    g.add_argument("--source", type=Path, help="labelled source domain folder")
+    g.add_argument("--target", type=Path, help="unlabelled target domain folder (labels only evaluate)")
+    g.add_argument("--data-root", type=Path, help="dataset root with one folder per domain")
+    g.add_argument("--source-domain", help="source domain folder under --data-root (e.g. Art)")
+    g.add_argument("--target-domain", help="target domain folder under --data-root (e.g. Clipart)")
+    g.add_argument("--classes", dest="classes_file", type=Path, metavar="FILE",
+                   help="display names, one per line, in sorted class-folder order")
+    g.add_argument("--prompt", default=d.prompt, help="CLIP prompt template (default: %(default)r)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="open_clip model name or model-config JSON "
+                   "(default: %(default)s; tiny test configs: uda-tiny-vit, uda-tiny-rn)")
+    g.add_argument("--pretrained", default=d.pretrained, help="pretrained tag, local checkpoint "
+                   "file, or 'random' for seeded random weights (default: %(default)s)")
+    g = p.add_argument_group("method (METHOD.md)")
+    g.add_argument("--method", choices=METHODS, default=d.method)
+    g.add_argument("--rst", action="store_true", help="Residual Sparse Training")
+    g.add_argument("--tau", type=float, help="RST threshold (default: ViT 1e-6, ResNet 1e-5)")
+    g.add_argument("--fixmatch", action="store_true", help="add the FixMatch term (cmkd only)")
+    g.add_argument("--fixmatch-threshold", type=float, default=d.fixmatch_threshold)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--lambda1", type=float, default=d.lambda1)
+    g.add_argument("--lambda2", type=float, default=d.lambda2)
+    g.add_argument("--lambda3", type=float, default=d.lambda3)
+    g.add_argument("--gamma", type=float, default=d.gamma, help="ramp steepness")
+    g.add_argument("--ramp-max-steps", type=int, help="ramp T_max (default: epochs x iters-per-epoch)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--iters-per-epoch", type=int, default=d.iters_per_epoch)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per domain per step")
+    g.add_argument("--lr", type=float, help="encoder lr (default: ViT 3e-6, ResNet 3e-7)")
+    g.add_argument("--head-lr-mult", type=float, help="head lr = lr x this (default: ViT 1000, ResNet 10000)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", choices=DEVICES, default=d.device)
+    g.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--workdir", type=Path, default=d.workdir, help="default: %(default)s")
+    g.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
+    g.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop after this global step with a checkpoint; continue with --resume")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--publish", metavar="STORE_URL", help="store to publish to: a directory, "
+                   "file:///path or redis://host:6379/0")
+    g.add_argument("--task", help="task name (default: <source>2<target> folder names)")
+    g.add_argument("--dry-run", action="store_true", help="validate everything, train nothing")
+    g.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k != "verbose"}
+    if values["pretrained"] in ("", "none", "None"):
+        values["pretrained"] = None
+    return TrainConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage; keep main() callable from tests
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(message)s")
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+        return run(cfg)
+    except ConfigError as e:
+        return _fail(f"invalid configuration: {e}", 2)
+    except (DataError, CheckpointError, BaseModelError) as e:
+        return _fail(str(e), 2)
+    except (TrainerError, ResidualStoreError, OSError) as e:
+        return _fail(str(e), 1)
+
+
+def run(cfg: TrainConfig) -> int:
+    wall_start = time.perf_counter()
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        if cfg.dry_run:
+            return dry_run(trainer)
+        result = trainer.train()
+        if not trainer.is_main:
+            return 0
+        if not result.finished:
+            print(f"stopped after step {result.steps} of {trainer.cfg.total_steps}; checkpoint "
+                  f"in {trainer.checkpoint_path}; continue with the same flags and --resume")
+            return 0
+        exported = export(trainer, result, wall_start)
+        m = exported.report["metrics"]
+        print(f"task {exported.report['task']}: target accuracy {m['target_accuracy']:.4f} on "
+              f"{m['target_images']} images (measured on the exported residual), dsp {m['dsp']}, "
+              f"nnz {m['nnz']} ({m['fraction_changed']:.4%} of encoder weights), "
+              f"{m['skipped_files']} files skipped")
+        print(f"artifact {exported.artifact}; report {Path(cfg.workdir) / 'report.json'}")
+        if cfg.publish:
+            return _publish(trainer, exported)
+        return 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted at step {trainer.step}; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        trainer.cleanup()
+
+
+def _publish(trainer: Trainer, exported) -> int:
+    task = trainer.cfg.task_name()
+    try:
+        info, url = publish(exported.blob, task, trainer.cfg.publish, exported.artifact)
+    except PublishError as e:
+        exported.report["publish_error"] = str(e)
+        write_report(Path(trainer.cfg.workdir), exported.report)
+        return _fail(str(e), 1)
+    print(f"published task {task} version {info.version} to {url}")
+    return 0
+
+
+def dry_run(trainer: Trainer) -> int:
+    cfg = trainer.cfg
+    if cfg.publish:
+        from residual_store.stores import open_store
+        from residual_store.stores.directory import DirectoryStore
+
+        store = open_store(cfg.publish)
+        try:
+            if not isinstance(store, DirectoryStore):  # a directory store is created on publish
+                store.ping()
+        finally:
+            store.close()
+    plan = {
+        "task": cfg.task_name(), "device": str(trainer.device), "family": trainer.family,
+        "input_size": trainer.input_size, "classes": trainer.class_names,
+        "source_images": len(trainer.source.files), "target_images": len(trainer.target.files),
+        "skipped_files": len(trainer.skipped), "steps": cfg.total_steps if cfg.method != "zeroshot" else 0,
+        "resume_from_step": trainer.step, "lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
+        "tau": cfg.tau if cfg.rst else None, "publish": cfg.publish,
+    }
+    print(json.dumps(plan, indent=2))
+    print("dry run: configuration, data and model are valid; nothing was trained")
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The training recipe: `setup()` -> `train()` -> (export.py) -> `cleanup()`.
+
+Per step (METHOD.md): a source batch and a target batch go through the encoder together (one
+forward, so the task head's BatchNorm sees both domains); L_cls on the source with label
+smoothing; for cmkd the CMKD terms with the ramp lam(step / T_max); optionally FixMatch on a
+strong view of the target. SGD (momentum 0.9, Nesterov, weight decay 5e-4) with the encoder at
+lr and the head at lr * m, lr(x) = lr * (1 + 3e-4 x)^-0.75 per step; RST after every step.
+
+Under torchrun each process trains on its own sample stream (seeded by the rank) with
+--batch-size images per domain, gradients are averaged by DistributedDataParallel, and rank 0
+writes logs and checkpoints; see trainer/cli.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from residual_store.base import BaseSpec, backbone_family, embed_dim, fingerprint, input_size
+from residual_store.flat import FlatParams
+from residual_store.head import TaskHead
+from trainer import checkpoint, data
+from trainer.cmkd import cmkd_loss, ramp
+from trainer.config import TRAINING_FIELDS, TrainConfig
+from trainer.errors import CheckpointError, ConfigError, TrainerError
+from trainer.fixmatch import fixmatch_loss
+from trainer.network import (
+    UdaNetwork,
+    freeze_all_but_visual,
+    logit_scale,
+    text_features,
+)
+from trainer.rst import ResidualSparsifier
+
+logger = logging.getLogger(__name__)
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+LOG_FILE = "train_log.jsonl"
+
+
+def lr_factor(step: int) -> float:
+    """lr(x) / lr = (1 + 3e-4 x)^-0.75 (METHOD.md)."""
+    return (1.0 + 3e-4 * step) ** -0.75
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int  # global steps done when train() returned
+    finished: bool  # False when stopped early by --stop-after
+    train_seconds: float
+    last_losses: dict[str, float]
+
+
+class Trainer:
+    """One run. Nothing heavy happens in __init__; call setup() first."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.step = 0
+        self.rank, self.world = 0, 1
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_data()
+        self._setup_model()
+        if self.cfg.method != "zeroshot":
+            self._setup_optimizer()
+            if self.cfg.resume:
+                self._load_checkpoint()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(["--device cuda but no CUDA device is available: use --device cpu or auto"])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.rank = int(os.environ["RANK"])
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if want_cuda:
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if want_cuda else "gloo")
+            self.device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+        else:
+            self.device = torch.device("cuda" if want_cuda else "cpu")
+        if cfg.amp and self.device.type != "cuda":
+            logger.warning("--amp needs CUDA; training in float32 on %s", self.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        src_dir, tgt_dir = cfg.domain_dirs()
+        self.source, self.target = data.load_domains(src_dir, tgt_dir)
+        self.class_names = data.display_names(self.source.classes, cfg.classes_file)
+        self.skipped = self.source.skipped + self.target.skipped
+        self.target_train_files = data.target_training_order(self.target)
+        logger.info("source %s: %d images, target %s: %d images, %d classes, %d files skipped",
+                    src_dir, len(self.source.files), tgt_dir, len(self.target.files),
+                    len(self.class_names), len(self.skipped))
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.spec = BaseSpec(cfg.model, cfg.pretrained)
+        model = self.spec.build(self.device)
+        self.family = backbone_family(model)
+        self.cfg = cfg = cfg.resolve_defaults(self.family)
+        self.input_size = input_size(model)
+        self.embed_dim = embed_dim(model)
+        self.text_features = text_features(model, self.spec.tokenizer(), self.class_names,
+                                           cfg.prompt, self.device)
+        self.logit_scale = logit_scale(model)
+        freeze_all_but_visual(model)
+        visual = model.visual.float()
+        self.flat = FlatParams(visual)  # after the move and cast: .to() would detach the views
+        self.w0 = self.flat.buffer.detach().clone()
+        self.base_fingerprint = fingerprint(visual)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head = TaskHead(self.embed_dim, len(self.class_names)).to(self.device)
+        self.net = UdaNetwork(visual, head, self.text_features, self.logit_scale).to(self.device)
+        self.flat.check()
+        del model  # only the encoder, head and text features stay: free the text tower
+        self.ddp_net: nn.Module = self.net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_net = DistributedDataParallel(self.net, device_ids=ids, broadcast_buffers=False)
+        self.sparsifier = ResidualSparsifier(self.flat, cfg.tau, w0=self.w0) if cfg.rst else None
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.SGD(
+            [{"params": [p for p in self.net.visual.parameters() if p.requires_grad], "lr": cfg.lr},
+             {"params": list(self.net.head.parameters()), "lr": cfg.lr * cfg.head_lr_mult}],
+            momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.workdir) / checkpoint.FILENAME
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": {k: self.cfg.to_dict()[k] for k in TRAINING_FIELDS},
+            "base_fingerprint": self.base_fingerprint,
+            "encoder": self.flat.buffer.detach().cpu().clone(),
+            "head": self.net.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_states(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            checkpoint.save(self.checkpoint_path, self._checkpoint_state())
+
+    def _load_checkpoint(self) -> None:
+        state = checkpoint.load(self.checkpoint_path)
+        changed = checkpoint.config_differences(state.get("config", {}), self.cfg.to_dict(),
+                                                TRAINING_FIELDS)
+        if changed:
+            raise CheckpointError(f"{self.checkpoint_path} was written with other settings "
+                                  f"({'; '.join(changed)}): use the same flags, or start a new "
+                                  "--workdir without --resume")
+        if state.get("base_fingerprint") != self.base_fingerprint:
+            raise CheckpointError(f"{self.checkpoint_path} belongs to another base model "
+                                  f"(fingerprint {str(state.get('base_fingerprint'))[:12]}, this "
+                                  f"base is {self.base_fingerprint[:12]})")
+        with torch.no_grad():
+            self.flat.buffer.copy_(state["encoder"].to(self.device))
+        self.net.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_states(state["rng"])
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        started = time.perf_counter()
+        last: dict[str, float] = {}
+        if cfg.method == "zeroshot":
+            return TrainResult(0, True, 0.0, last)
+        stop = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
+        log = self._open_log()
+        try:
+            while self.step < stop:
+                epoch = self.step // cfg.iters_per_epoch
+                end = min((epoch + 1) * cfg.iters_per_epoch, stop)
+                last = self._run_epoch(epoch, self.step, end, log)
+                if self.step % cfg.iters_per_epoch == 0 or self.step == stop:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        finally:
+            if log is not None:
+                log.close()
+        return TrainResult(self.step, self.step >= cfg.total_steps, time.perf_counter() - started, last)
+
+    def _open_log(self):
+        if not self.is_main:
+            return None
+        path = Path(self.cfg.workdir) / LOG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A resumed run drops the lines of steps it will redo, so the log reads as one run.
+        kept = []
+        if self.step and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+
+    def _loaders(self, start: int, end: int):
+        cfg, size = self.cfg, self.input_size
+        pin = self.device.type == "cuda"
+        stream = self.rank
+        src = data.TrainImages(self.source.files, self.source.labels, [data.train_transform(size)])
+        src_sampler = data.StepSampler(len(src), cfg.batch_size, cfg.seed, data.SOURCE, start, end, stream)
+        loaders = [data.step_loader(src, src_sampler, cfg.workers, pin)]
+        if cfg.method == "cmkd":
+            views = [data.train_transform(size)]
+            if cfg.fixmatch:
+                views.append(data.strong_transform(size))
+            tgt = data.TrainImages(self.target_train_files, None, views)
+            tgt_sampler = data.StepSampler(len(tgt), cfg.batch_size, cfg.seed, data.TARGET, start, end, stream)
+            loaders.append(data.step_loader(tgt, tgt_sampler, cfg.workers, pin))
+        return loaders
+
+    def _run_epoch(self, epoch: int, start: int, end: int, log) -> dict[str, float]:
+        cfg = self.cfg
+        self.ddp_net.train()
+        loaders = self._loaders(start, end)
+        sums: dict[str, float] = {}
+        bar = tqdm(zip(*loaders), total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   initial=0, disable=None if self.is_main else True, leave=True)
+        losses: dict[str, float] = {}
+        for n, batches in enumerate(bar, start=1):
+            losses = self._step(batches)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v / n:.4f}" for k, v in sums.items()}, refresh=False)
+            if log is not None:
+                log.write(json.dumps({"step": self.step, "epoch": epoch, **losses}) + "\n")
+                log.flush()
+            if self.step % cfg.checkpoint_every == 0 and self.step < end:
+                self.save_checkpoint()
+        bar.close()
+        return losses
+
+    def _step(self, batches) -> dict[str, float]:
+        cfg = self.cfg
+        lam = ramp(self.step, cfg.ramp_steps, cfg.gamma)
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        xs, ys = batches[0][0].to(self.device, non_blocking=True), batches[0][1].to(self.device)
+        parts = [xs]
+        if cfg.method == "cmkd":
+            parts += [t.to(self.device, non_blocking=True) for t in batches[1]]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits, clip = self.ddp_net(torch.cat(parts))
+        logits, clip = logits.float(), clip.float()
+        sizes = [p.shape[0] for p in parts]
+        logits_s, *logits_t = logits.split(sizes)
+        clip_s, *clip_t = clip.split(sizes)
+        loss_cls = F.cross_entropy(logits_s, ys, label_smoothing=cfg.label_smoothing)
+        total = loss_cls
+        out = {"cls": loss_cls}
+        if cfg.method == "cmkd":
+            terms = cmkd_loss(logits_t[0], clip_t[0], clip_s, ys, lam,
+                              cfg.lambda1, cfg.lambda2, cfg.lambda3)
+            out.update(task=terms["task"], distill=terms["distill"], reg=terms["reg"])
+            total = total + terms["total"]
+            if cfg.fixmatch:
+                out["fixmatch"] = fixmatch_loss(logits_t[0], logits_t[1], clip_t[0], clip_t[1],
+                                                cfg.fixmatch_threshold)
+                total = total + out["fixmatch"]
+        out["total"] = total
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.sparsifier is not None:
+            self.sparsifier.step()
+        self.step += 1
+        values = {k: float(v.detach()) for k, v in out.items()}
+        if not all(map(_finite, values.values())):  # the last checkpoint stays the good one
+            raise TrainerError(f"loss is not finite at step {self.step} ({values}): lower --lr "
+                               "or --head-lr-mult")
+        return {**values, "lr": lrs[0], "head_lr": lrs[1], "ramp": lam}
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, loader) -> torch.Tensor:
+        """Task-head logits of the in-memory model (eval mode) for every batch of `loader`."""
+        self.net.eval()
+        out = [self.net(x.to(self.device))[0].float().cpu() for x, _ in loader]
+        return torch.cat(out)
+
+    def target_eval_loader(self):
+        return data.eval_loader(self.target, self.input_size, self.cfg.eval_batch_size, self.cfg.workers)
+
+    def cleanup(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
