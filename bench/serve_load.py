@@ -1,0 +1,229 @@
+"""Closed-loop load on a live uda-serve: N tasks with Zipf(1.0) popularity.
+
+    python -m bench.serve_load --quick                       # uda-tiny-vit, N = 1, 10, 100; ~1 minute
+    python -m bench.serve_load --model ViT-B-16 --tasks 1,10,100,500
+    python -m bench.serve_load --url http://host:8000 --tasks 1,10   # a server you started
+
+Without --url, a directory store with max(N) random residuals of the base (seeded random
+weights; timing does not depend on the weights) is written to a temporary folder and
+`uda-serve` is started on it as a subprocess. Each N level sends requests for the first N
+tasks only, `--concurrency` clients each waiting for its answer before sending the next
+(closed loop), for --warmup then --duration seconds. Reported per N: p50/p99 latency,
+throughput (images/s), swaps/s and cache hit ratio read from /metrics, and throughput
+relative to N = 1. Paste the printed table into BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+_METRICS = ("uda_residual_cache_hits_total", "uda_residual_cache_misses_total",
+            "uda_swap_duration_seconds_count", "uda_batch_size_count", "uda_batch_size_sum")
+
+
+def zipf_weights(n: int, s: float = 1.0) -> list[float]:
+    return [1.0 / (i + 1) ** s for i in range(n)]
+
+
+def publish_tasks(store_dir: Path, model: str, n: int, density: float, variants: int) -> list[str]:
+    """n residuals of `model` (seeded random base) in a directory store; task names T000..."""
+    import torch
+
+    from residual_store import BaseSpec, TaskHead, embed_dim, fingerprint, make_residual, to_bytes
+    from residual_store.stores import open_store
+
+    base = BaseSpec(model).build()
+    fp, dim = fingerprint(base.visual), embed_dim(base)
+    g = torch.Generator().manual_seed(0)
+    pool = []  # sparse deltas are shared by variant; heads and names make every task distinct
+    for _ in range(variants):
+        deltas = {}
+        for name, p in base.visual.named_parameters():
+            k = int(p.numel() * density)
+            if k:
+                idx = torch.unique(torch.randint(p.numel(), (k,), generator=g))
+                deltas[name] = (idx, torch.randn(idx.numel(), generator=g) * 1e-3)
+        pool.append(deltas)
+    store = open_store(str(store_dir))
+    names = [f"T{i:03d}" for i in range(n)]
+    for i, task in enumerate(names):
+        head = TaskHead(dim, 10)
+        residual = make_residual(pool[i % variants], head.eval(), task=task,
+                                 classes=[f"c{j}" for j in range(10)], base_model=model,
+                                 base_pretrained="random", base_fingerprint=fp)
+        store.publish(task, to_bytes(residual))
+    return names
+
+
+def start_server(args, store_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--store", str(store_dir),
+           "--port", str(port), "--cache-bytes", args.cache_bytes, "--max-batch", str(args.max_batch),
+           "--max-queue", "100000", "--log-level", "warning", "--device", args.device]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_ready(client, proc: subprocess.Popen | None, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"uda-serve exited with {proc.returncode} before becoming ready")
+        try:
+            if (await client.get("/readyz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.5)
+    raise SystemExit("uda-serve did not become ready")
+
+
+async def scrape(client) -> dict[str, float]:
+    text = (await client.get("/metrics")).text
+    out = {}
+    for name in _METRICS:
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+async def run_level(client, tasks: list[str], image: bytes, args) -> dict:
+    weights = zipf_weights(len(tasks))
+    rng = random.Random(len(tasks))
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = time.monotonic() + args.warmup + args.duration
+
+    async def worker():
+        nonlocal errors
+        while time.monotonic() < stop_at:
+            task = rng.choices(tasks, weights)[0]
+            t0 = time.perf_counter()
+            resp = await client.post(f"/predict?task={task}&top_k=1", content=image,
+                                     headers={"content-type": "image/png"})
+            if not measuring:
+                continue
+            if resp.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+    await asyncio.sleep(args.warmup)
+    before, t0 = await scrape(client), time.monotonic()
+    measuring = True
+    await asyncio.gather(*workers)
+    after, elapsed = await scrape(client), time.monotonic() - t0
+    d = {k: after[k] - before[k] for k in _METRICS}
+    lookups = d["uda_residual_cache_hits_total"] + d["uda_residual_cache_misses_total"]
+    latencies.sort()
+    return {
+        "tasks": len(tasks), "requests": len(latencies), "errors": errors,
+        "p50_ms": 1e3 * statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
+        "throughput": len(latencies) / elapsed,
+        "swaps_s": d["uda_swap_duration_seconds_count"] / elapsed,
+        "hit_ratio": d["uda_residual_cache_hits_total"] / lookups if lookups else float("nan"),
+        "mean_batch": (d["uda_batch_size_sum"] / d["uda_batch_size_count"]
+                       if d["uda_batch_size_count"] else 0.0),
+    }
+
+
+def table(rows: list[dict], title: str) -> str:
+    single = next((r["throughput"] for r in rows if r["tasks"] == 1), None)
+    lines = [title, "",
+             "| tasks | requests | p50 ms | p99 ms | images/s | vs 1 task | swaps/s | cache hit "
+             "| mean batch | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['throughput'] / single:.2f}" if single else "-"
+        lines.append(f"| {r['tasks']} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['throughput']:.1f} | {ratio} | {r['swaps_s']:.1f} | {r['hit_ratio']:.3f} | "
+                     f"{r['mean_batch']:.1f} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+async def bench(args, url: str, tasks: list[str], proc) -> list[dict]:
+    import httpx
+
+    from server.synthetic import image_bytes
+
+    image = image_bytes(0, size=224)
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        await wait_ready(client, proc)
+        rows = []
+        for n in args.tasks:
+            row = await run_level(client, tasks[:n], image, args)
+            print(f"  N={n}: {row['throughput']:.1f} images/s, p50 {row['p50_ms']:.1f} ms, "
+                  f"hit {row['hit_ratio']:.3f}", file=sys.stderr, flush=True)
+            rows.append(row)
+        return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="uda-tiny-vit, N = 1,10,100, short runs")
+    p.add_argument("--model", default="ViT-B-16", help="base model (seeded random weights)")
+    p.add_argument("--tasks", default="1,10,100,500", help="comma-separated N levels")
+    p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per level")
+    p.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds per level")
+    p.add_argument("--density", type=float, default=0.003, help="fraction of encoder weights per residual")
+    p.add_argument("--variants", type=int, default=4, help="distinct sparse patterns among the tasks")
+    p.add_argument("--cache-bytes", default="2GiB", help="--cache-bytes of the started server")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--url", default=None, help="bench this running server (tasks must exist) instead")
+    p.add_argument("--task-names", default=None, help="with --url: comma-separated task names")
+    args = p.parse_args(argv)
+    if args.quick:  # shorter defaults; flags given explicitly still win
+        for name, value in (("model", "uda-tiny-vit"), ("duration", 5.0), ("warmup", 2.0),
+                            ("concurrency", 8), ("tasks", "1,10,100")):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    args.tasks = sorted({int(x) for x in args.tasks.split(",") if x.strip()})
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.url:
+        tasks = (args.task_names or "").split(",") if args.task_names else []
+        if len(tasks) < max(args.tasks):
+            print(f"--url needs --task-names with at least {max(args.tasks)} names", file=sys.stderr)
+            return 2
+        rows = asyncio.run(bench(args, args.url, tasks, None))
+        print(table(rows, f"serve_load against {args.url}"))
+        return 0
+    from server.embedded import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"publishing {max(args.tasks)} residuals of {args.model}...", file=sys.stderr, flush=True)
+        tasks = publish_tasks(Path(tmp) / "store", args.model, max(args.tasks), args.density, args.variants)
+        port = free_port()
+        proc = start_server(args, Path(tmp) / "store", port)
+        try:
+            rows = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    title = (f"serve_load: {args.model} (random weights), {args.concurrency} closed-loop clients, "
+             f"Zipf(1.0), {args.duration:g} s per level, {os.cpu_count()} CPUs, device {args.device}")
+    print(table(rows, title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

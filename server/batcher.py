@@ -1,0 +1,167 @@
+"""Per-task request queues and the scheduling policy that turns them into batches.
+
+Policy (`pick`): among tasks whose residual is ready, serve the task whose oldest request has
+waited longest, taking up to `max_batch` images of that task's requests in arrival order. The
+task whose residual is applied right now is preferred (no swap needed) only while no other
+ready task's oldest request has waited more than `max_wait_s` longer than the applied task's
+oldest request. So a flood of one task delays another by at most `max_wait_s` plus one batch.
+
+The queue is bounded in total (QueueFull -> 429). Thread-safe: the event loop submits, the
+model thread picks; both under one Condition that also wakes the model thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from server.errors import QueueFull, ShuttingDown
+
+
+@dataclasses.dataclass(eq=False)
+class PendingRequest:
+    """One HTTP request's images for one task, waiting for the model thread."""
+
+    task: str
+    images: torch.Tensor  # (n, 3, S, S), preprocessed
+    enqueued: float  # batcher clock at submit
+    deadline: float  # batcher clock after which nobody waits for the answer any more
+    resolve: Callable[[Any], None]  # thread-safe: result object or exception
+    cancelled: bool = False  # set by the client side after a timeout: skip the work
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+class Batcher:
+    """One FIFO queue per task, a total bound, and the batch-picking policy."""
+
+    def __init__(self, max_batch: int, max_wait_s: float, max_queue: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_depth: Callable[[int], None] | None = None):
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.clock = clock
+        self._on_depth = on_depth or (lambda depth: None)
+        self._queues: dict[str, deque[PendingRequest]] = {}
+        self._depth = 0
+        self._closed = False
+        self.cond = threading.Condition()
+
+    # -- producer side --------------------------------------------------------------------------
+
+    def submit(self, request: PendingRequest) -> None:
+        """Queue `request`; QueueFull at the bound, ShuttingDown after close()."""
+        with self.cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            if self._depth >= self.max_queue:
+                raise QueueFull(f"{self._depth} requests queued (--max-queue {self.max_queue}); "
+                                "retry shortly")
+            self._queues.setdefault(request.task, deque()).append(request)
+            self._depth += 1
+            self._on_depth(self._depth)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new requests; queued ones stay for the model thread to finish."""
+        with self.cond:
+            self._closed = True
+            self.cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def notify(self) -> None:
+        """Wake the model thread (a residual finished loading, the catalog changed...)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    # -- consumer side (model thread) -------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def pending_tasks(self) -> list[str]:
+        with self.cond:
+            return [task for task, q in self._queues.items() if q]
+
+    def oldest(self, task: str) -> float | None:
+        with self.cond:
+            q = self._queues.get(task)
+            return q[0].enqueued if q else None
+
+    def pick(self, current: str | None, ready: Callable[[str], bool]
+             ) -> tuple[str, list[PendingRequest]] | None:
+        """The next batch as (task, requests), or None when no queued task is ready."""
+        with self.cond:
+            heads = {t: q[0].enqueued for t, q in self._queues.items() if q and ready(t)}
+            if not heads:
+                return None
+            task = min(heads, key=heads.__getitem__)
+            if current in heads and current != task and \
+                    heads[task] >= heads[current] - self.max_wait_s:
+                task = current  # nobody waited max_wait longer than the applied task: no swap
+            return task, self._take(task)
+
+    def _take(self, task: str) -> list[PendingRequest]:
+        q = self._queues[task]
+        batch, images = [], 0
+        while q and (not batch or images + q[0].n <= self.max_batch):
+            request = q.popleft()
+            batch.append(request)
+            images += request.n
+        if not q:
+            del self._queues[task]
+        self._depth -= len(batch)
+        self._on_depth(self._depth)
+        return batch
+
+    def take_all(self, task: str | None = None) -> list[PendingRequest]:
+        """Remove and return every queued request (of `task`, or of all tasks)."""
+        with self.cond:
+            tasks = [task] if task is not None else list(self._queues)
+            out: list[PendingRequest] = []
+            for t in tasks:
+                out.extend(self._queues.pop(t, ()))
+            self._depth -= len(out)
+            self._on_depth(self._depth)
+            return out
+
+    def take_expired(self, now: float | None = None) -> list[PendingRequest]:
+        """Remove and return requests past their deadline or cancelled by their client."""
+        now = self.clock() if now is None else now
+        with self.cond:
+            out: list[PendingRequest] = []
+            for task in list(self._queues):
+                q = self._queues[task]
+                keep = deque(r for r in q if not (r.cancelled or r.deadline <= now))
+                if len(keep) != len(q):
+                    out.extend(r for r in q if r.cancelled or r.deadline <= now)
+                    if keep:
+                        self._queues[task] = keep
+                    else:
+                        del self._queues[task]
+            if out:
+                self._depth -= len(out)
+                self._on_depth(self._depth)
+            return out
+
+    def next_deadline(self) -> float | None:
+        with self.cond:
+            deadlines = [r.deadline for q in self._queues.values() for r in q]
+            return min(deadlines) if deadlines else None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until notified or `timeout` seconds pass."""
+        with self.cond:
+            self.cond.wait(timeout)

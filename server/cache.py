@@ -1,0 +1,217 @@
+"""Residuals resident on the device: keyed by (task, sha256), bounded in bytes, LRU with pinning.
+
+Every removal goes through ONE hook, `_on_evict`, which keeps the metrics and the log in step.
+A missing residual is loaded in a background thread (`load_async`); the model thread keeps
+serving other tasks meanwhile and is woken (`on_change`) when the load ends either way.
+Repeated loads of one key share one future; a residual that cannot fit next to the pinned ones
+raises CacheFull loudly instead of evicting a pinned entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from torch import nn
+
+from residual_store import FlatResidual
+from server.errors import CacheFull
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (task, sha256 of the residual blob)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedResidual:
+    """One residual ready to swap in: flat deltas and head on the device."""
+
+    task: str
+    sha256: str
+    version: int
+    flat: FlatResidual  # sorted flat index + deltas over the base's flat buffer
+    head: nn.Module  # task head in eval mode, on the device
+    classes: tuple[str, ...]
+    nnz: int  # changed encoder weights
+    dsp: int  # downstream parameters (nnz + head parameters)
+    nbytes: int  # device bytes held: flat index + values + head tensors
+
+    @property
+    def key(self) -> Key:
+        return (self.task, self.sha256)
+
+
+def head_nbytes(head: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in head.state_dict().values())
+
+
+Loader = Callable[[str, int, str], CachedResidual]  # (task, version, sha256) -> entry
+
+
+class ResidualCache:
+    """LRU of CachedResidual bounded by `capacity_bytes`; tasks in `pinned` are never evicted."""
+
+    def __init__(self, capacity_bytes: int, loader: Loader, *, metrics=None,
+                 on_change: Callable[[], None] | None = None, workers: int = 2):
+        self.capacity_bytes = capacity_bytes
+        self._loader = loader
+        self._metrics = metrics
+        self._on_change = on_change or (lambda: None)
+        self._entries: OrderedDict[Key, CachedResidual] = OrderedDict()  # oldest use first
+        self._pinned: set[str] = set()
+        self._loading: dict[Key, Future] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-load")
+        self.bytes_used = 0
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, key: Key) -> CachedResidual | None:
+        """The resident entry (marked most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def peek(self, key: Key) -> CachedResidual | None:
+        """The resident entry without touching the LRU order."""
+        with self._lock:
+            return self._entries.get(key)
+
+    def keys(self) -> list[Key]:
+        """Resident keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def resident_tasks(self) -> set[str]:
+        with self._lock:
+            return {task for task, _ in self._entries}
+
+    def is_loading(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._loading
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- pinning ------------------------------------------------------------------------------
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pinned)
+
+    def pin(self, task: str) -> None:
+        with self._lock:
+            self._pinned.add(task)
+
+    def unpin(self, task: str) -> None:
+        with self._lock:
+            self._pinned.discard(task)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def put(self, entry: CachedResidual) -> None:
+        """Insert (or refresh) `entry`, evicting least recently used unpinned entries to fit."""
+        with self._lock:
+            if entry.key in self._entries:
+                self._entries.move_to_end(entry.key)
+                return
+            self._make_room(entry)
+            self._entries[entry.key] = entry
+            self.bytes_used += entry.nbytes
+            self._record_state(entry.task)
+        logger.debug("resident %s v%d (%d bytes)", entry.task, entry.version, entry.nbytes)
+
+    def _make_room(self, entry: CachedResidual) -> None:
+        evictable = sum(e.nbytes for e in self._entries.values() if e.task not in self._pinned)
+        if self.bytes_used - evictable + entry.nbytes > self.capacity_bytes:
+            raise CacheFull(
+                f"residual of task {entry.task!r} needs {entry.nbytes} bytes; --cache-bytes "
+                f"{self.capacity_bytes} holds {self.bytes_used - evictable} bytes of pinned "
+                "residuals: raise --cache-bytes or pin fewer tasks")
+        for key in list(self._entries):
+            if self.bytes_used + entry.nbytes <= self.capacity_bytes:
+                break
+            if key[0] not in self._pinned:
+                self._remove(key, "lru")
+
+    def evict(self, key: Key, reason: str = "unload") -> bool:
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._remove(key, reason)
+            return True
+
+    def evict_task(self, task: str, keep_sha: str | None = None, reason: str = "stale") -> int:
+        """Drop every resident version of `task` except `keep_sha`; returns how many."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == task and k[1] != keep_sha]
+            for key in keys:
+                self._remove(key, reason)
+            return len(keys)
+
+    def _remove(self, key: Key, reason: str) -> None:
+        entry = self._entries.pop(key)
+        self.bytes_used -= entry.nbytes
+        self._on_evict(entry, reason)
+
+    def _on_evict(self, entry: CachedResidual, reason: str) -> None:
+        """The one place every removal passes: metrics, residency gauge, log."""
+        logger.info("evicted %s v%d (%d bytes, %s)", entry.task, entry.version, entry.nbytes, reason)
+        if self._metrics is not None:
+            self._metrics.evicted()
+        self._record_state(entry.task)
+
+    def _record_state(self, task: str) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_state(self.bytes_used, len(self._entries))
+            self._metrics.resident(task, any(t == task for t, _ in self._entries))
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_async(self, task: str, version: int, sha256: str) -> Future:
+        """Future of the entry for (task, sha256): done at once when resident, else loaded in
+        a background thread and inserted; `on_change` is called when the load ends."""
+        key = (task, sha256)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                done: Future = Future()
+                done.set_result(entry)
+                return done
+            future = self._loading.get(key)
+            if future is not None:
+                return future
+            future = Future()
+            self._loading[key] = future
+        if self._metrics is not None:
+            self._metrics.cache_miss()
+        self._pool.submit(self._load, key, version, future)
+        return future
+
+    def _load(self, key: Key, version: int, future: Future) -> None:
+        t0 = time.perf_counter()
+        try:
+            entry = self._loader(key[0], version, key[1])
+            self.put(entry)
+        except BaseException as e:  # handed to the waiting requests, never lost in the pool
+            logger.warning("loading %s (%s) v%d failed: %s", key[0], key[1][:12], version, e)
+            with self._lock:
+                self._loading.pop(key, None)
+            future.set_exception(e)
+        else:
+            if self._metrics is not None:
+                self._metrics.observe_load(time.perf_counter() - t0)
+            with self._lock:
+                self._loading.pop(key, None)
+            future.set_result(entry)
+        finally:
+            self._on_change()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,284 @@
+"""Which tasks exist and which version of each is served, kept in step with the store.
+
+Two followers feed `consider`: store events (fast, may miss some) and a periodic reconcile with
+`store.list_tasks()` (cheap, catches what events missed), so a publish or rollback is
+served within about reconcile_interval seconds. A new version whose metadata names another base
+fingerprint is refused at once; for a task resident (or pinned) the new version is loaded in the
+background first and served only once it loaded, so a residual refused at load time also leaves
+the old version serving. The served version only moves forward (store versions increase).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from concurrent.futures import Future
+
+from residual_store.errors import ResidualStoreError, UnknownTask
+from residual_store.stores import validate_task_name
+from server.errors import TaskUnavailable
+from server.loader import refusal_reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskVersion:
+    """The served version of a task, from the store's metadata (no blob read needed)."""
+
+    task: str
+    version: int
+    sha256: str
+    metadata: dict[str, str]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.task, self.sha256)
+
+    @property
+    def classes(self) -> list[str]:
+        try:
+            return list(json.loads(self.metadata.get("classes", "[]")))
+        except (ValueError, TypeError):
+            return []
+
+    @property
+    def dsp(self) -> int | None:
+        try:
+            return int(self.metadata["dsp"])
+        except (KeyError, ValueError):
+            return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A version the server would not serve, and why."""
+
+    version: int
+    sha256: str
+    reason: str  # metrics label: base_mismatch, invalid_format, integrity, load_failed
+    detail: str  # readable one-line explanation
+
+
+class Catalog:
+    """The served version of every published task; thread-safe."""
+
+    def __init__(self, store, cache, fingerprint: str, metrics=None,
+                 reconcile_interval: float = 1.0, on_change=None):
+        self.store = store
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.metrics = metrics
+        self.reconcile_interval = reconcile_interval
+        self._on_change = on_change or (lambda: None)
+        self._tasks: dict[str, TaskVersion] = {}
+        self._refused: dict[str, Refusal] = {}
+        self._staging: dict[str, int] = {}  # task -> version being loaded before the switch
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.store_error: str | None = None  # last store failure, None when the store answers
+        self.last_reconcile: float | None = None
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, task: str) -> TaskVersion | None:
+        return self._tasks.get(task)
+
+    def require(self, task: str) -> TaskVersion:
+        """The served version of `task`; InvalidTaskName or UnknownTask otherwise."""
+        validate_task_name(task)
+        tv = self._tasks.get(task)
+        if tv is None:
+            refused = self._refused.get(task)
+            if refused is not None:
+                raise TaskUnavailable(f"task {task!r} v{refused.version} was refused "
+                                      f"({refused.reason}): {refused.detail}")
+            raise UnknownTask(f"unknown task {task!r}: GET /tasks lists the published tasks")
+        return tv
+
+    def tasks(self) -> dict[str, TaskVersion]:
+        with self._lock:
+            return dict(self._tasks)
+
+    def refusals(self) -> dict[str, Refusal]:
+        with self._lock:
+            return dict(self._refused)
+
+    # -- following the store ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reconcile()
+        for name, target in (("uda-events", self._follow_events), ("uda-reconcile", self._reconcile_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def reconcile(self) -> bool:
+        """Compare with the store's current versions and apply the differences; False if the store
+        did not answer (cached tasks keep serving)."""
+        try:
+            # ping first: a directory store whose volume vanished would list "no tasks", and
+            # deleting every task then would be wrong; unreachable means keep serving.
+            self.store.ping()
+            # list_tasks carries each current version's metadata: no info() call per change
+            current = {t.task: t.current for t in self.store.list_tasks()}
+        except (ResidualStoreError, OSError) as e:
+            if self.store_error is None:
+                logger.warning("store %s unreachable, serving cached tasks: %s", self.store.url, e)
+            self.store_error = f"store {self.store.url} unreachable: {e}"
+            return False
+        if self.store_error is not None:
+            logger.info("store %s reachable again", self.store.url)
+        self.store_error = None
+        self.last_reconcile = time.time()
+        for task, info in sorted(current.items()):
+            self.consider(task, info.version, info.sha256, info)
+        for task in set(self._tasks) - set(current):
+            self.remove(task)
+        return True
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.reconcile_interval):
+            try:
+                self.reconcile()
+            except Exception:  # the follower must survive anything; the next round retries
+                logger.exception("reconcile with the store failed")
+
+    def _follow_events(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                for event in self.store.events(self._stop):
+                    if event.kind == "delete":
+                        self._confirmed_remove(event.task)
+                    elif event.version is not None and event.sha256 is not None:
+                        self.consider(event.task, event.version, event.sha256)
+                    backoff = 0.5
+            except Exception as e:  # reconnect after a pause; reconcile covers the gap
+                logger.warning("store events interrupted (%s); retrying in %.1f s", e, backoff)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, 10.0)
+
+    # -- changes ------------------------------------------------------------------------------------
+
+    def consider(self, task: str, version: int, sha256: str, info=None) -> None:
+        """React to `task` having current (version, sha256) in the store (`info`: its
+        VersionInfo when the caller has it already)."""
+        with self._lock:
+            old = self._tasks.get(task)
+            if old is not None and version <= old.version:
+                return  # old news (events and reconcile overlap)
+            if old is not None and old.sha256 == sha256:
+                # Same bytes under a higher number (a rollback to what is served): nothing to load.
+                self._tasks[task] = dataclasses.replace(old, version=version)
+                return
+            refused = self._refused.get(task)
+            if refused is not None and refused.version == version:
+                return  # counted and logged once already
+            if self._staging.get(task, -1) >= version:
+                return  # this (or a newer) version is loading already
+        try:
+            info = info if info is not None else self.store.info(task, version)
+        except UnknownTask:
+            return  # replaced or deleted meanwhile; the next event or reconcile tells
+        except (ResidualStoreError, OSError) as e:
+            logger.warning("cannot read %s v%d from the store yet: %s", task, version, e)
+            return
+        if info.sha256 != sha256:
+            return  # changed again meanwhile
+        candidate = TaskVersion(task, version, sha256, dict(info.metadata))
+        theirs = candidate.metadata.get("base_fingerprint", "")
+        if theirs != self.fingerprint:
+            self._refuse(candidate, "base_mismatch",
+                         f"trained on base {theirs[:12] or '?'} "
+                         f"({candidate.metadata.get('base_model')}/"
+                         f"{candidate.metadata.get('base_pretrained')}), served base is "
+                         f"{self.fingerprint[:12]}")
+            return
+        with self._lock:
+            warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)
+            if warm or (old is None and task in self.cache.pinned):
+                self._staging[task] = version
+            else:
+                self._switch(candidate)
+                return
+        future = self.cache.load_async(task, version, sha256)
+        future.add_done_callback(lambda f, c=candidate: self._staged(c, f))
+
+    def _staged(self, candidate: TaskVersion, future: Future) -> None:
+        with self._lock:
+            if self._staging.get(candidate.task) == candidate.version:
+                del self._staging[candidate.task]
+            error = future.exception()
+            if error is None:
+                self._switch(candidate)
+                return
+        reason = refusal_reason(error)
+        if reason is None:
+            # Not the residual's fault (store blip...): the next reconcile tries again.
+            logger.warning("could not stage %s v%d: %s", candidate.task, candidate.version, error)
+            return
+        self._refuse(candidate, reason, str(error), counted=True)
+
+    def _switch(self, candidate: TaskVersion) -> None:
+        with self._lock:
+            old = self._tasks.get(candidate.task)
+            if old is not None and candidate.version <= old.version:
+                return
+            self._tasks[candidate.task] = candidate
+            self._refused.pop(candidate.task, None)
+            # In-flight batches hold their entry; the next batch looks the new key up.
+            self.cache.evict_task(candidate.task, keep_sha=candidate.sha256, reason="replaced")
+            count = len(self._tasks)
+        if old is None:
+            logger.info("task %s v%d published", candidate.task, candidate.version)
+        else:
+            logger.info("task %s now serves v%d (was v%d)", candidate.task, candidate.version, old.version)
+        if self.metrics is not None:
+            self.metrics.published(count)
+            self.metrics.resident(candidate.task, self.cache.peek(candidate.key) is not None)
+        if candidate.task in self.cache.pinned and self.cache.peek(candidate.key) is None:
+            self.cache.load_async(candidate.task, candidate.version, candidate.sha256)
+        self._on_change()
+
+    def _refuse(self, candidate: TaskVersion, reason: str, detail: str, counted: bool = False) -> None:
+        with self._lock:
+            self._refused[candidate.task] = Refusal(candidate.version, candidate.sha256, reason, detail)
+            serving = self._tasks.get(candidate.task)
+        logger.error("refused %s v%d (%s): %s; %s", candidate.task, candidate.version, reason, detail,
+                     f"v{serving.version} keeps serving" if serving else "the task stays unavailable")
+        if self.metrics is not None and not counted:
+            self.metrics.refusal(reason)
+
+    def _confirmed_remove(self, task: str) -> None:
+        """Remove after a delete event only if the store, reachable, agrees: a directory store
+        whose volume vanished reports every task deleted, and those must keep serving."""
+        try:
+            self.store.ping()
+            self.store.info(task)
+        except UnknownTask:
+            self.remove(task)
+        except (ResidualStoreError, OSError) as e:
+            logger.warning("ignoring delete event of %s while the store is unreachable: %s", task, e)
+
+    def remove(self, task: str) -> None:
+        with self._lock:
+            self._refused.pop(task, None)
+            if self._tasks.pop(task, None) is None:
+                return
+            self.cache.evict_task(task, reason="deleted")
+            count = len(self._tasks)
+        logger.info("task %s deleted from the store", task)
+        if self.metrics is not None:
+            self.metrics.published(count)
+            self.metrics.forget_task(task)
+        self._on_change()

@@ -1,0 +1,139 @@
+"""`uda-serve`: serve every task of a residual store on one resident CLIP backbone.
+
+    uda-serve --model uda-tiny-vit --store ./residuals
+    uda-serve --model ViT-B-16 --pretrained openai --store redis://redis:6379/0 --pin Ar2Cl
+
+SIGTERM (and Ctrl-C): stop accepting connections, answer what is queued within
+--grace-period seconds, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from residual_store.errors import ResidualStoreError
+from server.config import ADMIN_TOKEN_ENV, LOG_LEVELS, ConfigError, ServeConfig, parse_size, parse_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    p = argparse.ArgumentParser(prog="uda-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="open_clip model name or model-config JSON of the base")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag (openai) or local checkpoint; omitted = seeded random init")
+    p.add_argument("--store", default=d.store, help="residual store: a directory or redis://host:6379/0?prefix=uda:")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--cache-bytes", default="256MiB", help="device memory for resident residuals (e.g. 64MiB, 1G)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most images per forward pass and per request")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="a task waiting this much longer than the applied one preempts it")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="most queued requests before 429")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds before 503")
+    p.add_argument("--preload", default="", help="TASK[,TASK] made resident at start")
+    p.add_argument("--pin", default="", help="TASK[,TASK] never evicted")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--admin-token", default=None,
+                   help=f"bearer token for /admin/* (or ${ADMIN_TOKEN_ENV}); unset disables /admin")
+    p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
+    p.add_argument("--max-image-bytes", default="20MiB", help="largest upload per image (413 beyond)")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest width*height (413 beyond)")
+    p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="image decoding threads")
+    p.add_argument("--reconcile-interval", type=float, default=d.reconcile_interval,
+                   help="seconds between version checks with the store")
+    p.add_argument("--grace-period", type=float, default=d.grace_period,
+                   help="seconds SIGTERM waits for queued requests")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    problems = []
+    sizes = {}
+    for flag in ("cache_bytes", "max_image_bytes"):
+        try:
+            sizes[flag] = parse_size(getattr(args, flag))
+        except ValueError as e:
+            problems.append(f"--{flag.replace('_', '-')}: {e}")
+            sizes[flag] = 1 << 20
+    kwargs = dict(
+        model=args.model, pretrained=args.pretrained, store=args.store, device=args.device,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, preload=parse_tasks(args.preload),
+        pin=parse_tasks(args.pin), host=args.host, port=args.port,
+        admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
+        log_level=args.log_level, max_image_pixels=args.max_image_pixels,
+        decode_workers=args.decode_workers, reconcile_interval=args.reconcile_interval,
+        grace_period=args.grace_period, **sizes)
+    try:
+        config = ServeConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"uda-serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.app import create_app
+    from server.runtime import ServeRuntime
+
+    try:
+        runtime = ServeRuntime(config)
+        runtime.start()
+    except (ResidualStoreError, ValueError, OSError) as e:
+        print(f"uda-serve: cannot start: {e}", file=sys.stderr)
+        return 1
+    _print_banner(runtime)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config, runtime), host=config.host, port=config.port,
+        log_level=config.log_level, timeout_graceful_shutdown=config.grace_period,
+        lifespan="on"))
+    # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
+    # installed as the "previous" ones, that re-raise is harmless and a drained server exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    runtime.stop()  # no-op when the lifespan shutdown ran already
+    print("uda-serve: stopped", flush=True)
+    return 0
+
+
+def _print_banner(runtime) -> None:
+    cfg, engine = runtime.config, runtime.engine
+    tasks = runtime.catalog.tasks()
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    names = ", ".join(sorted(tasks)[:10]) + (f", ... ({len(tasks)} in all)" if len(tasks) > 10 else "")
+    lines = [
+        f"uda-serve: base {engine.spec.model}/{engine.spec.pretrained_label} on {engine.device}",
+        f"  fingerprint {engine.fingerprint}",
+        f"  store {runtime.store.url}: {len(tasks)} task(s){': ' + names if names else ''}",
+    ]
+    if runtime.catalog.store_error:
+        lines.append(f"  WARNING {runtime.catalog.store_error} (serving starts anyway; /readyz says 503)")
+    for problem in runtime.startup_problems:
+        lines.append(f"  WARNING {problem}")
+    example = sorted(tasks)[0] if tasks else "TASK"
+    lines.append(f"  send requests to http://{host}:{cfg.port}/predict?task={example}"
+                 f"  (curl -F file=@image.jpg 'http://{host}:{cfg.port}/predict?task={example}')")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

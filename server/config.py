@@ -1,0 +1,117 @@
+"""What `uda-serve` is told: one dataclass with every setting, validated all at once."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Literal
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+ADMIN_TOKEN_ENV = "UDA_ADMIN_TOKEN"
+
+
+class ConfigError(ValueError):
+    """Every problem of a ServeConfig, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid server settings: " + "; ".join(problems))
+
+
+def parse_size(text: str | int) -> int:
+    """'256MiB', '64M', '1g', '4096' -> bytes (binary units: 1M = 2**20)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"size {text!r} is not a number of bytes: use e.g. 4096, 64MiB or 1G")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_tasks(text: str | None) -> tuple[str, ...]:
+    """'A,B, C' -> ('A', 'B', 'C'); empty items are dropped."""
+    if not text:
+        return ()
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Settings of one uda-serve process (one process per accelerator)."""
+
+    model: str = "uda-tiny-vit"  # open_clip model name or model-config JSON path of the base
+    pretrained: str | None = None  # pretrained tag, local checkpoint, or None = seeded random init
+    store: str = "./residuals"  # residual store URL: a directory (embedded default) or redis://...
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda:0 when available, else cpu
+    cache_bytes: int = 256 << 20  # budget for resident residuals (flat index + values + head)
+    max_batch: int = 32  # most images run in one forward pass (also the most per request)
+    max_wait_ms: float = 50.0  # a task waiting this much longer than the applied one preempts it
+    max_queue: int = 1024  # most requests queued over all tasks before answering 429
+    request_timeout: float = 30.0  # seconds a request may wait for its answer before 503
+    preload: tuple[str, ...] = ()  # tasks made resident at start
+    pin: tuple[str, ...] = ()  # tasks never evicted (made resident at start too)
+    host: str = "127.0.0.1"  # interface to listen on
+    port: int = 8000  # TCP port to listen on
+    admin_token: str | None = None  # bearer token of /admin/*; None disables the admin routes
+    log_level: LogLevel = "info"  # logging level of the server and uvicorn
+    max_image_bytes: int = 20 << 20  # largest accepted upload per image (413 beyond)
+    max_image_pixels: int = 40_000_000  # largest width*height accepted (decompression bombs: 413)
+    decode_workers: int = 4  # threads decoding and preprocessing images off the model thread
+    reconcile_interval: float = 1.0  # seconds between version checks with the store
+    grace_period: float = 30.0  # seconds SIGTERM waits for queued requests before exiting
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once, each with its allowed range."""
+        problems: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(bool(self.model and self.model.strip()), "--model is empty: use e.g. ViT-B-16 or uda-tiny-vit")
+        need(bool(self.store and self.store.strip()), "--store is empty: use e.g. ./residuals or redis://redis:6379/0")
+        need(bool(_DEVICE_RE.match(self.device or "")),
+             f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        need(self.cache_bytes >= 1, f"--cache-bytes {self.cache_bytes} must be >= 1 (e.g. 256MiB)")
+        need(1 <= self.max_batch <= 4096, f"--max-batch {self.max_batch} must be in 1..4096")
+        need(0 <= self.max_wait_ms <= 60_000, f"--max-wait-ms {self.max_wait_ms} must be in 0..60000")
+        need(1 <= self.max_queue <= 1_000_000, f"--max-queue {self.max_queue} must be in 1..1000000")
+        need(0 < self.request_timeout <= 3600, f"--request-timeout {self.request_timeout} must be in (0, 3600] seconds")
+        need(0 <= self.port <= 65535, f"--port {self.port} must be in 0..65535")
+        need(bool(self.host), "--host is empty: use e.g. 127.0.0.1 or 0.0.0.0")
+        need(self.log_level in LOG_LEVELS, f"--log-level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        need(self.max_image_bytes >= 1024, f"--max-image-bytes {self.max_image_bytes} must be >= 1024")
+        need(self.max_image_pixels >= 1, f"--max-image-pixels {self.max_image_pixels} must be >= 1")
+        need(1 <= self.decode_workers <= 256, f"--decode-workers {self.decode_workers} must be in 1..256")
+        need(0.05 <= self.reconcile_interval <= 60,
+             f"--reconcile-interval {self.reconcile_interval} must be in 0.05..60 seconds")
+        need(0 <= self.grace_period <= 3600, f"--grace-period {self.grace_period} must be in 0..3600 seconds")
+        need(self.admin_token is None or len(self.admin_token) >= 8,
+             "--admin-token must have at least 8 characters (or be unset to disable /admin)")
+        from residual_store.errors import InvalidTaskName
+        from residual_store.stores import validate_task_name
+
+        for flag, tasks in (("--preload", self.preload), ("--pin", self.pin)):
+            for task in tasks:
+                try:
+                    validate_task_name(task)
+                except InvalidTaskName as e:
+                    problems.append(f"{flag}: {e}")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    def resolved_admin_token(self) -> str | None:
+        """The flag's token, else UDA_ADMIN_TOKEN, else None (admin disabled)."""
+        return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None

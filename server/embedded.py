@@ -1,0 +1,65 @@
+"""A real uvicorn server in a background thread of this process (tests, benchmarks, notebooks).
+
+    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", store=str(path), port=0)) as srv:
+        httpx.post(f"{srv.url}/predict?task=A", files={"file": png})
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from server.app import create_app
+from server.config import ServeConfig
+from server.runtime import ServeRuntime
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """Starts `uda-serve`'s app with uvicorn on a thread; `url` once started."""
+
+    def __init__(self, config: ServeConfig, startup_timeout: float = 120.0):
+        if config.port == 0:
+            import dataclasses
+
+            config = dataclasses.replace(config, port=free_port(config.host))
+        self.config = config
+        self.runtime = ServeRuntime(config)
+        self.app = create_app(config, self.runtime)
+        self._server = uvicorn.Server(uvicorn.Config(
+            self.app, host=config.host, port=config.port, log_level="warning",
+            timeout_graceful_shutdown=config.grace_period, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="uda-uvicorn", daemon=True)
+        self._startup_timeout = startup_timeout
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def start(self) -> EmbeddedServer:
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("uda-serve failed to start; see the log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uda-serve did not start within {self._startup_timeout:g} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=self.config.grace_period + 30)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

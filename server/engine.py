@@ -1,0 +1,150 @@
+"""The swap engine: one frozen base on the device, residuals applied onto its flat buffer.
+
+Only the model thread calls `run`; `fingerprint_now` (tests, admin) takes the same lock, so it
+never reads weights halfway through a swap. The applied residual stays applied between batches
+of the same (task, sha256), so a stream of one task costs no swaps; switching tasks restores the
+originals exactly (copy back, no subtraction) before applying the next residual.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Hashable
+
+import torch
+from torch import nn
+
+from residual_store import BaseSpec, FlatParams, FlatResidual, embed_dim, fingerprint, input_size
+from residual_store.swap import restore_residual
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda:0 when available, else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from residual_store.errors import BaseModelError
+
+        raise BaseModelError(f"--device {device} asked for CUDA, but torch sees no GPU here: "
+                             "use --device cpu or auto")
+    return dev
+
+
+@dataclasses.dataclass
+class _Applied:
+    key: Hashable  # (task, sha256) of the residual now in the weights
+    index: torch.Tensor  # its flat positions
+    saved: torch.Tensor  # the base values at those positions, copied back on restore
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTiming:
+    swapped: bool  # False when the residual was applied already (same task as the last batch)
+    swap_s: float  # restore of the previous residual + apply of this one (0 when not swapped)
+    model_s: float  # forward pass of encoder and head
+
+
+class SwapEngine:
+    """Builds the base once (`setup`), then runs batches with a residual applied."""
+
+    def __init__(self, spec: BaseSpec, device: str = "auto"):
+        self.spec = spec
+        self.requested_device = device
+        self.device: torch.device | None = None
+        self.model: nn.Module | None = None
+        self.flat: FlatParams | None = None
+        self.fingerprint: str | None = None  # of the base as built; residuals must match it
+        self.embed_dim: int | None = None
+        self.input_size: int | None = None
+        self._applied: _Applied | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.flat is not None
+
+    def setup(self) -> None:
+        """Build the base on the device and flatten its image encoder (heavy: seconds)."""
+        self.device = resolve_device(self.requested_device)
+        model = self.spec.build(self.device)
+        model.requires_grad_(False)
+        visual = model.visual
+        # Flatten after the move to the device: .to() would detach the parameters again.
+        flat = FlatParams(visual)
+        self.embed_dim = embed_dim(model)
+        self.input_size = input_size(model)
+        self.fingerprint = fingerprint(visual)
+        # Only the image encoder is served; dropping the text tower frees its memory.
+        for name in ("transformer", "token_embedding", "ln_final", "text"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+        self.model, self.flat = model, flat
+        logger.info("base %s/%s on %s, fingerprint %s, %d encoder weights", self.spec.model,
+                    self.spec.pretrained_label, self.device, self.fingerprint[:12], flat.layout.numel)
+
+    @property
+    def layout(self):
+        return self.flat.layout
+
+    @property
+    def applied_key(self) -> Hashable | None:
+        applied = self._applied
+        return applied.key if applied else None
+
+    def run(self, key: Hashable, residual: FlatResidual, head: nn.Module,
+            batch: torch.Tensor) -> tuple[torch.Tensor, RunTiming]:
+        """Logits of `batch` under base + residual: `head(visual(x))`, on the CPU.
+
+        Semantics: if key differs from the applied one: w[idx_old] = saved_old;
+        saved = w[idx]; w[idx] += values. Then logits = head(visual(x)).
+        """
+        with self._lock:
+            t0 = time.perf_counter()
+            swapped = self.applied_key != key
+            if swapped:
+                self._restore_locked()
+                self._apply_locked(key, residual)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                logits = head(self.model.visual(batch.to(self.device, non_blocking=True)))
+                logits = logits.float().cpu()
+            t2 = time.perf_counter()
+        return logits, RunTiming(swapped, t1 - t0 if swapped else 0.0, t2 - t1)
+
+    def restore(self) -> None:
+        """Put the exact base weights back (idle, shutdown, before a fingerprint check)."""
+        with self._lock:
+            self._restore_locked()
+
+    def fingerprint_now(self) -> str:
+        """sha256 of the base weights as they are now, with any applied residual removed first.
+
+        Equals `self.fingerprint` as long as every swap restored exactly.
+        """
+        with self._lock:
+            self._restore_locked()
+            return fingerprint(self.model.visual)
+
+    def _apply_locked(self, key: Hashable, residual: FlatResidual) -> None:
+        # residual_store.swap.apply_residual, inlined to undo a half-applied residual on failure.
+        buffer = self.flat.buffer
+        with torch.no_grad():
+            saved = buffer.index_select(0, residual.index)
+            try:
+                buffer.index_add_(0, residual.index, residual.values)
+            except BaseException:
+                restore_residual(buffer, residual.index, saved)  # never leave half a residual
+                raise
+        self._applied = _Applied(key, residual.index, saved)
+
+    def _restore_locked(self) -> None:
+        applied, self._applied = self._applied, None
+        if applied is not None:
+            with torch.no_grad():
+                restore_residual(self.flat.buffer, applied.index, applied.saved)
+

@@ -1,0 +1,231 @@
+"""One serving process assembled: store, engine, cache, catalog, batcher, model thread, decoder.
+
+`start()` does the heavy work (building the base, listing the store, preloading); nothing heavy
+happens in `__init__`. The HTTP layer (app.py) calls the async operations here and translates
+their domain exceptions at its edge.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from residual_store import BaseSpec
+from residual_store.errors import StoreUnavailable
+from residual_store.stores import open_store
+from server.batcher import Batcher, PendingRequest
+from server.cache import ResidualCache
+from server.catalog import Catalog, TaskVersion
+from server.config import ServeConfig
+from server.engine import SwapEngine
+from server.errors import Conflict, ImageRejected, NotReady, RequestTimeout
+from server.images import ImageDecoder
+from server.loader import ResidualLoader
+from server.metrics import Metrics
+from server.worker import BatchResult, ModelWorker
+
+logger = logging.getLogger(__name__)
+
+_STARTUP_LOAD_TIMEOUT_S = 300.0
+
+
+class ServeRuntime:
+    """Everything behind the HTTP routes of one uda-serve process."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.store = open_store(config.store)
+        self.engine = SwapEngine(BaseSpec(config.model, config.pretrained), config.device)
+        self.cache: ResidualCache | None = None
+        self.catalog: Catalog | None = None
+        self.batcher: Batcher | None = None
+        self.worker: ModelWorker | None = None
+        self.decoder: ImageDecoder | None = None
+        self.started = False
+        self.stopped = False
+        self.startup_problems: list[str] = []  # preload/pin tasks that could not be loaded
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Build the base, follow the store, preload and pin, start the model thread."""
+        cfg = self.config
+        self.engine.setup()
+        self.batcher = Batcher(cfg.max_batch, cfg.max_wait_s, cfg.max_queue,
+                               on_depth=self.metrics.queue)
+        loader = ResidualLoader(self.store, self.engine, self.metrics, host_tier_bytes=cfg.cache_bytes)
+        self.cache = ResidualCache(cfg.cache_bytes, loader, metrics=self.metrics,
+                                   on_change=self.batcher.notify)
+        for task in cfg.pin:
+            self.cache.pin(task)
+        self.catalog = Catalog(self.store, self.cache, self.engine.fingerprint, self.metrics,
+                               cfg.reconcile_interval, on_change=self.batcher.notify)
+        self.decoder = ImageDecoder(self.engine.input_size, cfg.max_image_bytes,
+                                    cfg.max_image_pixels, cfg.decode_workers)
+        self.worker = ModelWorker(self.engine, self.cache, self.catalog, self.batcher, self.metrics)
+        self.catalog.start()
+        self._preload()
+        self.worker.start()
+        self.started = True
+
+    def _preload(self) -> None:
+        futures = {}
+        for task in dict.fromkeys(self.config.pin + self.config.preload):
+            tv = self.catalog.get(task)
+            if tv is None:
+                problem = f"--preload/--pin task {task!r} is not in the store {self.store.url}"
+                if self.catalog.store_error:
+                    problem += f" ({self.catalog.store_error})"
+                self.startup_problems.append(problem)
+                logger.warning("%s; it is loaded once published", problem)
+                continue
+            futures[task] = self.cache.load_async(tv.task, tv.version, tv.sha256)
+        for task, future in futures.items():
+            try:
+                future.result(timeout=_STARTUP_LOAD_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - reported, the server still serves the rest
+                self.startup_problems.append(f"could not preload {task!r}: {e}")
+                logger.error("could not preload %s: %s", task, e)
+
+    def stop(self) -> None:
+        """Finish queued requests within --grace-period, then release everything."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.worker is not None:
+            self.worker.stop(self.config.grace_period)
+        if self.catalog is not None:
+            self.catalog.stop()
+        if self.cache is not None:
+            self.cache.close()
+        if self.decoder is not None:
+            self.decoder.close()
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001 - closing is best-effort at exit
+            logger.debug("closing the store failed", exc_info=True)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """What keeps the server from being ready; empty when it is."""
+        problems = []
+        if not self.started or not self.engine.ready:
+            problems.append("base model not loaded yet")
+        elif self.stopped or (self.batcher is not None and self.batcher.closed):
+            problems.append("shutting down")
+        elif self.worker is not None and not self.worker.alive:
+            problems.append("model thread stopped")
+        if self.catalog is not None and self.catalog.store_error:
+            problems.append(self.catalog.store_error)
+        return problems
+
+    def describe(self) -> dict[str, Any]:
+        """Base and store identity for /healthz and /readyz."""
+        return {"base_model": self.engine.spec.model,
+                "base_pretrained": self.engine.spec.pretrained_label,
+                "fingerprint": self.engine.fingerprint,
+                "device": str(self.engine.device) if self.engine.device else None,
+                "store": self.store.url}
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def require_task(self, task: str) -> TaskVersion:
+        self._require_started()
+        return self.catalog.require(task)
+
+    async def infer(self, task: str, uploads: list[tuple[str, bytes]]) -> BatchResult:
+        """Scores of every upload under `task`'s current residual."""
+        self.require_task(task)
+        if not uploads:
+            raise ImageRejected("bad_request", "no image: send one or more multipart `file` "
+                                               "fields or an image/* body")
+        if len(uploads) > self.config.max_batch:
+            raise ImageRejected("too_large", f"{len(uploads)} images in one request, the limit "
+                                             f"is {self.config.max_batch} (--max-batch)")
+        images = await self.decoder.decode_many(uploads)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        now = self.batcher.clock()
+        timeout = self.config.request_timeout
+        request = PendingRequest(task, images, now, now + timeout,
+                                 lambda value: loop.call_soon_threadsafe(_settle, future, value))
+        self.batcher.submit(request)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as e:
+            raise RequestTimeout(f"no answer within --request-timeout {timeout:g} s") from e
+        finally:
+            if not future.done():
+                request.cancelled = True  # timed out or client gone: skip the work
+
+    # -- listing -----------------------------------------------------------------------------------
+
+    def task_entries(self) -> list[dict[str, Any]]:
+        self._require_started()
+        refusals = self.catalog.refusals()
+        out = [self._task_entry(tv, refusals.get(tv.task)) for tv in self.catalog.tasks().values()]
+        for task, refusal in refusals.items():
+            if self.catalog.get(task) is None:
+                out.append({"task": task, "version": None, "servable": False,
+                            "refused": _refusal_dict(refusal)})
+        return sorted(out, key=lambda e: e["task"])
+
+    def task_entry(self, task: str) -> dict[str, Any]:
+        tv = self.require_task(task)
+        return self._task_entry(tv, self.catalog.refusals().get(task))
+
+    def _task_entry(self, tv: TaskVersion, refusal) -> dict[str, Any]:
+        entry = self.cache.peek(tv.key)
+        return {
+            "task": tv.task, "version": tv.version, "sha256": tv.sha256,
+            "classes": tv.classes, "nnz": entry.nnz if entry else None,  # known once loaded
+            "dsp": tv.dsp, "resident": entry is not None, "pinned": tv.task in self.cache.pinned,
+            "servable": True, "refused": _refusal_dict(refusal) if refusal else None,
+        }
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    async def load(self, task: str) -> dict[str, Any]:
+        tv = self.require_task(task)
+        future = self.cache.load_async(tv.task, tv.version, tv.sha256)
+        await asyncio.wrap_future(future)
+        self.batcher.notify()
+        return self.task_entry(task)
+
+    def unload(self, task: str) -> dict[str, Any]:
+        tv = self.require_task(task)
+        if task in self.cache.pinned:
+            raise Conflict(f"task {task!r} is pinned (--pin) and stays resident")
+        self.cache.evict_task(tv.task, reason="admin unload")
+        return self.task_entry(task)
+
+    async def reload(self) -> dict[str, Any]:
+        self._require_started()
+        ok = await asyncio.to_thread(self.catalog.reconcile)
+        if not ok:
+            raise StoreUnavailable(self.catalog.store_error or f"store {self.store.url} unreachable")
+        return {"tasks": {t: tv.version for t, tv in sorted(self.catalog.tasks().items())}}
+
+    async def fingerprint_now(self) -> str:
+        self._require_started()
+        return await asyncio.to_thread(self.engine.fingerprint_now)
+
+    def _require_started(self) -> None:
+        if not self.started:
+            raise NotReady("the server is starting: the base model is not loaded yet")
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+def _refusal_dict(refusal) -> dict[str, Any]:
+    return {"version": refusal.version, "reason": refusal.reason, "detail": refusal.detail}
+

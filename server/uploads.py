@@ -1,0 +1,114 @@
+"""Reading image uploads out of HTTP requests with bounded memory.
+
+Three shapes: multipart `file` fields, one raw `image/*` body, and the Open Inference Protocol
+v2 JSON body whose BYTES input carries base64 image bytes. The body is read as a stream and
+cut off at a limit derived from --max-image-bytes and --max-batch, before it is all in memory.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from server.errors import ImageRejected
+
+_MULTIPART_OVERHEAD = 64 << 10  # headers and boundaries per part, generously
+
+
+def body_limit(max_files: int, max_image_bytes: int, base64_json: bool = False) -> int:
+    per_file = max_image_bytes * 4 // 3 + 4 if base64_json else max_image_bytes
+    return max_files * (per_file + _MULTIPART_OVERHEAD)
+
+
+async def _stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ImageRejected("too_large", f"request body of {declared} bytes exceeds the {limit} "
+                                         "byte limit (--max-image-bytes x --max-batch)")
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ImageRejected("too_large", f"request body exceeds the {limit} byte limit "
+                                             "(--max-image-bytes x --max-batch)")
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _stream(request, limit)])
+
+
+async def read_images(request: Request, max_files: int, max_image_bytes: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each uploaded image in a /predict request."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _multipart(request, max_files, max_image_bytes)
+    if ctype.startswith("image/"):
+        return [("body", await read_body(request, max_image_bytes))]
+    raise ImageRejected("not_image", f"content type {ctype or 'none'!r}: send multipart/form-data "
+                                     "with `file` fields, or one image as an image/* body")
+
+
+async def _multipart(request: Request, max_files: int, max_image_bytes: int) -> list[tuple[str, bytes]]:
+    parser = MultiPartParser(request.headers, _stream(request, body_limit(max_files, max_image_bytes)),
+                             max_files=max_files, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        kind = "too_large" if "too many" in str(e).lower() else "bad_request"
+        raise ImageRejected(kind, f"multipart body: {e.message} (at most {max_files} files)") from e
+    try:
+        files = []
+        for i, (field, value) in enumerate(form.multi_items()):
+            if field == "file" and isinstance(value, UploadFile):
+                files.append((value.filename or f"file[{i}]", await value.read()))
+    finally:
+        await form.close()
+    if not files:
+        raise ImageRejected("bad_request", "multipart body has no `file` field with an image")
+    return files
+
+
+async def read_v2_images(request: Request, max_files: int, max_image_bytes: int
+                         ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    """Images of an Open Inference Protocol v2 infer request, and the request's JSON."""
+    raw = await read_body(request, body_limit(max_files, max_image_bytes, base64_json=True))
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ImageRejected("bad_request", f"infer body is not JSON: {e}") from e
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise ImageRejected("bad_request", 'infer body needs "inputs": [{"name": "image", '
+                                           '"datatype": "BYTES", "shape": [N], "data": [base64...]}]')
+    item = next((i for i in inputs if isinstance(i, dict) and i.get("datatype") == "BYTES"), None)
+    if item is None or not isinstance(item.get("data"), list):
+        raise ImageRejected("bad_request", 'infer body needs one input with "datatype": "BYTES" '
+                                           'and "data": a list of base64 strings')
+    data = _flatten(item["data"])
+    if len(data) > max_files:
+        raise ImageRejected("too_large", f"{len(data)} images in one request, the limit is "
+                                         f"{max_files} (--max-batch)")
+    images = []
+    for i, value in enumerate(data):
+        if not isinstance(value, str):
+            raise ImageRejected("bad_request", f"input {item.get('name', 'image')!r} element {i} "
+                                               "is not a base64 string")
+        try:
+            images.append((f"{item.get('name', 'image')}[{i}]", base64.b64decode(value, validate=True)))
+        except (binascii.Error, ValueError) as e:
+            raise ImageRejected("bad_request", f"input element {i} is not valid base64: {e}") from e
+    return images, body
+
+
+def _flatten(data: list) -> list:
+    out: list = []
+    for x in data:
+        out.extend(_flatten(x) if isinstance(x, list) else [x])
+    return out

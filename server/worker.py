@@ -1,0 +1,167 @@
+"""The model thread: the only code that touches the base weights.
+
+Loop: drop expired requests -> for each queued task make sure its current residual is resident
+(else start a background load and serve other tasks meanwhile) -> pick a batch (batcher
+policy) -> swap + forward (engine) -> hand each request its scores through its resolve callback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future
+
+import torch
+
+from residual_store.errors import UnknownTask
+from server.batcher import Batcher, PendingRequest
+from server.cache import Key
+from server.errors import RequestTimeout, ShuttingDown, TaskUnavailable
+from server.loader import refusal_reason
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.25  # longest sleep without a notification (deadlines are checked on wake-up)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """What one request gets back from the model thread."""
+
+    task: str
+    version: int
+    classes: tuple[str, ...]
+    scores: torch.Tensor  # (n, C) softmax probabilities, CPU float32
+    queue_ms: float
+    swap_ms: float
+    model_ms: float
+
+
+class ModelWorker:
+    """Runs the scheduler loop in one dedicated thread."""
+
+    def __init__(self, engine, cache, catalog, batcher: Batcher, metrics=None):
+        self.engine = engine
+        self.cache = cache
+        self.catalog = catalog
+        self.batcher = batcher
+        self.metrics = metrics
+        self._loads: dict[Key, Future] = {}
+        self._thread: threading.Thread | None = None
+        self._stop_at: float | None = None  # monotonic deadline of a drain
+        self.batches = 0
+        self.swaps = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="uda-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace: float) -> None:
+        """Refuse new requests, finish queued ones within `grace` seconds, fail the rest."""
+        self.batcher.close()
+        self._stop_at = time.monotonic() + grace
+        self.batcher.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=grace + 30)
+        for request in self.batcher.take_all():
+            request.resolve(ShuttingDown("the server stopped before this request ran"))
+        self.engine.restore()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            if self._stop_at is not None and (self.batcher.depth == 0 or time.monotonic() > self._stop_at):
+                return
+            try:
+                ran = self._step()
+            except Exception:  # the model thread must survive; the failed batch got its error
+                logger.exception("model thread step failed")
+                ran = True
+            if not ran:
+                self.batcher.wait(self._sleep_s())
+
+    def _sleep_s(self) -> float:
+        deadline = self.batcher.next_deadline()
+        if deadline is None:
+            return _IDLE_WAIT_S
+        return min(_IDLE_WAIT_S, max(0.001, deadline - self.batcher.clock()))
+
+    def _step(self) -> bool:
+        for request in self.batcher.take_expired():
+            request.resolve(RequestTimeout("the request waited longer than --request-timeout"))
+        ready = self._ready_tasks()
+        applied = self.engine.applied_key
+        picked = self.batcher.pick(applied[0] if applied else None, ready.__contains__)
+        if picked is None:
+            return False
+        task, requests = picked
+        self._run(ready[task], requests)
+        return True
+
+    def _ready_tasks(self) -> dict[str, object]:
+        """task -> (TaskVersion, entry) for queued tasks whose residual is resident; starts
+        loads for the others and fails requests whose task cannot be served."""
+        ready = {}
+        for task in self.batcher.pending_tasks():
+            tv = self.catalog.get(task)
+            if tv is None:
+                self._fail_task(task, UnknownTask(f"task {task!r} was deleted from the store"))
+                continue
+            entry = self.cache.peek(tv.key)
+            if entry is not None:
+                ready[task] = (tv, entry)
+                continue
+            future = self._loads.get(tv.key)
+            if future is None or (future.done() and future.exception() is None):
+                self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
+            elif future.done():
+                del self._loads[tv.key]
+                self._fail_task(task, self._unavailable(tv, future.exception()))
+        return ready
+
+    @staticmethod
+    def _unavailable(tv, error: BaseException) -> Exception:
+        if isinstance(error, TaskUnavailable):
+            return error
+        reason = refusal_reason(error)
+        if reason is not None:
+            return TaskUnavailable(f"task {tv.task!r} v{tv.version} was refused ({reason}): {error}")
+        return TaskUnavailable(f"task {tv.task!r} v{tv.version} could not be loaded: {error}")
+
+    def _fail_task(self, task: str, error: Exception) -> None:
+        for request in self.batcher.take_all(task):
+            request.resolve(error)
+
+    def _run(self, ready: tuple, requests: list[PendingRequest]) -> None:
+        tv, entry = ready
+        self._loads.pop(tv.key, None)
+        self.cache.get(entry.key)  # mark most recently used
+        if self.metrics is not None:
+            self.metrics.cache_hit()
+        started = self.batcher.clock()
+        try:
+            batch = torch.cat([r.images for r in requests])
+            logits, timing = self.engine.run(entry.key, entry.flat, entry.head, batch)
+            scores = torch.softmax(logits, dim=-1)
+        except Exception as e:
+            logger.exception("batch of %d images for %s failed", sum(r.n for r in requests), tv.task)
+            for request in requests:
+                request.resolve(e)
+            return
+        self.batches += 1
+        if timing.swapped:
+            self.swaps += 1
+        swap_ms, model_ms = timing.swap_s * 1e3, timing.model_s * 1e3
+        start = 0
+        for request in requests:
+            request.resolve(BatchResult(
+                task=tv.task, version=tv.version, classes=entry.classes,
+                scores=scores[start:start + request.n], queue_ms=(started - request.enqueued) * 1e3,
+                swap_ms=swap_ms, model_ms=model_ms))
+            start += request.n
+        if self.metrics is not None:
+            self.metrics.observe_batch(int(batch.shape[0]), timing.swap_s if timing.swapped else None)

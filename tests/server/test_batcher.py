@@ -1,0 +1,148 @@
+"""The batcher's scheduling policy with a fake clock: oldest first, batch bound, preference for
+the applied task, the starvation bound, the queue bound and expiry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.batcher import Batcher, PendingRequest
+from server.errors import QueueFull, ShuttingDown
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(clock: Clock, max_batch=4, max_wait_ms=50.0, max_queue=100) -> Batcher:
+    return Batcher(max_batch, max_wait_ms / 1000, max_queue, clock=clock)
+
+
+def submit(b: Batcher, clock: Clock, task: str, n: int = 1, timeout: float = 30.0) -> PendingRequest:
+    r = PendingRequest(task, torch.zeros(n, 3, 2, 2), clock(), clock() + timeout, resolve=lambda v: None)
+    b.submit(r)
+    return r
+
+
+def everyone(task: str) -> bool:
+    return True
+
+
+def test_oldest_first_and_max_batch():
+    clock = Clock()
+    b = make(clock, max_batch=4)
+    for t in ("A", "B", "A", "A", "B"):
+        submit(b, clock, t, n=2)
+        clock.t += 0.001
+    task, batch = b.pick(None, everyone)
+    assert task == "A" and [r.n for r in batch] == [2, 2]  # 4 images: the bound
+    assert b.depth == 3
+    task, batch = b.pick(None, everyone)
+    assert task == "B" and len(batch) == 2  # B's head is now the oldest
+    task, batch = b.pick(None, everyone)
+    assert task == "A" and len(batch) == 1
+    assert b.pick(None, everyone) is None and b.depth == 0
+
+
+def test_not_ready_tasks_are_skipped():
+    clock = Clock()
+    b = make(clock)
+    submit(b, clock, "cold")
+    clock.t += 0.01
+    submit(b, clock, "hot")
+    task, _ = b.pick(None, lambda t: t != "cold")
+    assert task == "hot"
+    assert b.pending_tasks() == ["cold"]
+
+
+def test_applied_task_is_preferred_only_within_max_wait():
+    clock = Clock()
+    b = make(clock, max_batch=1, max_wait_ms=50)
+    submit(b, clock, "B")  # t=0
+    clock.t = 0.030
+    submit(b, clock, "A")  # A waited 30 ms less than B: within 50 ms, stay on A
+    task, _ = b.pick("A", everyone)
+    assert task == "A"
+    clock.t = 0.040
+    submit(b, clock, "A")  # B has now waited 40 ms longer than this A: still within
+    task, _ = b.pick("A", everyone)
+    assert task == "A"
+    clock.t = 0.060
+    submit(b, clock, "A")  # 60 ms beyond: B preempts
+    task, _ = b.pick("A", everyone)
+    assert task == "B"
+
+
+def test_starvation_bound_under_a_flood():
+    """A hot task flooding faster than it is served: at every decision where the cold request
+    has waited more than max_wait beyond the hot task's oldest request, the cold one is served."""
+    clock = Clock()
+    b = make(clock, max_batch=2, max_wait_ms=20, max_queue=1000)
+    cold, current, served = None, None, False
+    for step in range(400):
+        clock.t = step * 0.001
+        submit(b, clock, "hot")
+        if step == 100:
+            cold = submit(b, clock, "cold")
+        if step % 5:  # the model finishes a batch every 5 ms
+            continue
+        must_switch = cold is not None and not served and \
+            cold.enqueued < b.oldest("hot") - 0.020
+        task, batch = b.pick(current, everyone)
+        current = task
+        if cold in batch:
+            served = True
+        elif must_switch:
+            pytest.fail(f"cold request passed over at t={clock.t:.3f} beyond the bound")
+    assert served
+
+
+def test_starvation_bound_with_a_shallow_hot_queue():
+    clock = Clock()
+    b = make(clock, max_batch=8, max_wait_ms=20)
+    current = "hot"
+    cold = None
+    for step in range(200):
+        clock.t = step * 0.001
+        submit(b, clock, "hot")  # one hot request per ms, served every ms: the head is fresh
+        if step == 50:
+            cold = submit(b, clock, "cold")
+        task, batch = b.pick(current, everyone)
+        current = task
+        if cold is not None and cold in batch:
+            waited = clock.t - cold.enqueued
+            assert waited <= 0.020 + 0.001 + 1e-9
+            return
+    pytest.fail("the cold request was never served")
+
+
+def test_queue_bound_and_close():
+    clock = Clock()
+    b = make(clock, max_queue=2)
+    submit(b, clock, "A")
+    submit(b, clock, "B")
+    with pytest.raises(QueueFull, match="--max-queue 2"):
+        submit(b, clock, "A")
+    b.pick(None, everyone)
+    submit(b, clock, "A")  # room again
+    b.close()
+    with pytest.raises(ShuttingDown):
+        submit(b, clock, "A")
+    assert b.depth == 2  # queued work stays for the drain
+
+
+def test_expired_and_cancelled_requests_are_removed():
+    clock = Clock()
+    b = make(clock)
+    short = submit(b, clock, "A", timeout=1.0)
+    gone = submit(b, clock, "A", timeout=10.0)
+    keep = submit(b, clock, "A", timeout=10.0)
+    gone.cancelled = True
+    clock.t = 2.0
+    assert set(b.take_expired()) == {short, gone}
+    assert b.depth == 1
+    task, batch = b.pick(None, everyone)
+    assert batch == [keep]
