@@ -134,7 +134,11 @@ class Catalog:
             if self.store_error is None:
                 logger.warning("store %s unreachable, serving cached tasks: %s", self.store.url, e)
             self.store_error = f"store {self.store.url} unreachable: {e}"
+            if self.metrics is not None:
+                self.metrics.store_reachable(False)
             return False
+        if self.metrics is not None:
+            self.metrics.store_reachable(True)
         if self.store_error is not None:
             logger.info("store %s reachable again", self.store.url)
         self.store_error = None

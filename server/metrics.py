@@ -18,6 +18,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SWAP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The reason labels server.loader.refusal_reason and the catalog give (a closed set).
+REFUSAL_REASONS = ("base_mismatch", "invalid_format", "integrity", "load_failed")
 
 
 def _safe(method):
@@ -72,6 +74,12 @@ class Metrics:
                                      registry=r)
         self.refused = Counter("uda_residuals_refused", "Residuals refused, by reason",
                                ["reason"], registry=r)
+        # Series exist at 0 from the start, so increase() in an alert sees the first refusal.
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)
+        self.store_up = Gauge("uda_store_up", "1 when the residual store answered the last check",
+                              registry=r)
+        self.queue_capacity = Gauge("uda_queue_capacity", "The --max-queue bound", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -119,6 +127,14 @@ class Metrics:
     @_safe
     def published(self, count: int) -> None:
         self.tasks_published.set(count)
+
+    @_safe
+    def store_reachable(self, up: bool) -> None:
+        self.store_up.set(1 if up else 0)
+
+    @_safe
+    def capacity(self, max_queue: int) -> None:
+        self.queue_capacity.set(max_queue)
 
     @_safe
     def refusal(self, reason: str) -> None:

@@ -54,6 +54,7 @@ class ServeRuntime:
         self.engine.setup()
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_s, cfg.max_queue,
                                on_depth=self.metrics.queue)
+        self.metrics.capacity(cfg.max_queue)
         loader = ResidualLoader(self.store, self.engine, self.metrics, host_tier_bytes=cfg.cache_bytes)
         self.cache = ResidualCache(cfg.cache_bytes, loader, metrics=self.metrics,
                                    on_change=self.batcher.notify)

@@ -220,4 +220,7 @@ def test_metrics_have_published_task_labels_only(client):
     assert 'uda_requests_total{code="200",task="Ar2Cl"}' in text
     assert 'uda_task_resident{task="Ar2Cl"} 1.0' in text
     assert "uda_tasks_published 3.0" in text
+    assert "uda_store_up 1.0" in text
+    assert "uda_queue_capacity " in text
+    assert 'uda_residuals_refused_total{reason="base_mismatch"}' in text
     assert "ghost" not in text
