@@ -4,8 +4,9 @@ Two followers feed `consider`: store events (fast, may miss some) and a periodic
 `store.list_tasks()` (cheap, catches what events missed), so a publish or rollback is
 served within about reconcile_interval seconds. A new version whose metadata names another base
 fingerprint is refused at once; for a task resident (or pinned) the new version is loaded in the
-background first and served only once it loaded, so a residual refused at load time also leaves
-the old version serving. The served version only moves forward (store versions increase).
+background first and served only once it loaded, and for a task served but not resident the new
+file is fetched and validated first, so a residual refused at load time also leaves the old
+version serving. The served version only moves forward (store versions increase).
 """
 from __future__ import annotations
 
@@ -66,8 +67,11 @@ class Catalog:
     """The served version of every published task; thread-safe."""
 
     def __init__(self, store, cache, fingerprint: str, metrics=None,
-                 reconcile_interval: float = 1.0, on_change=None):
+                 reconcile_interval: float = 1.0, on_change=None, verify=None):
         self.store = store
+        # (task, version, sha256) -> None or a refusal: checks a new version of a task that is
+        # not resident before it replaces the served one (ResidualLoader.verify).
+        self._verify = verify
         self.cache = cache
         self.fingerprint = fingerprint
         self.metrics = metrics
@@ -210,12 +214,23 @@ class Catalog:
             return
         with self._lock:
             warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)
-            if warm or (old is None and task in self.cache.pinned):
+            cold_known = old is not None and not warm and self._verify is not None
+            if warm or cold_known or (old is None and task in self.cache.pinned):
                 self._staging[task] = version
             else:
                 self._switch(candidate)
                 return
-        future = self.cache.load_async(task, version, sha256)
+        if cold_known:
+            # A served version exists but is not resident: check the new file before it replaces
+            # it (no device upload), or a bad file would turn a cold good task into a 503.
+            future = Future()
+            try:
+                self._verify(task, version, sha256)
+                future.set_result(None)
+            except Exception as e:  # handed to _staged, which refuses or retries
+                future.set_exception(e)
+        else:
+            future = self.cache.load_async(task, version, sha256)
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f))
 
     def _staged(self, candidate: TaskVersion, future: Future) -> None:

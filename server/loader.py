@@ -79,6 +79,18 @@ class ResidualLoader:
                 self.metrics.refusal(reason)
             raise
 
+    def verify(self, task: str, version: int, sha256: str) -> None:
+        """Fetch and validate (task, version) without making it resident; refusals are counted
+        like a load's. The catalog checks a new version of a task that is not resident this way,
+        so a bad file never replaces a good version that is merely cold."""
+        try:
+            self.fetch(task, version, sha256)
+        except Exception as e:
+            reason = refusal_reason(e)
+            if reason is not None and self.metrics is not None:
+                self.metrics.refusal(reason)
+            raise
+
     def _load(self, task: str, version: int, sha256: str) -> CachedResidual:
         key = (task, sha256)
         staged = self.host_tier.get(key) if self.host_tier is not None else None

@@ -61,7 +61,8 @@ class ServeRuntime:
         for task in cfg.pin:
             self.cache.pin(task)
         self.catalog = Catalog(self.store, self.cache, self.engine.fingerprint, self.metrics,
-                               cfg.reconcile_interval, on_change=self.batcher.notify)
+                               cfg.reconcile_interval, on_change=self.batcher.notify,
+                               verify=loader.verify)
         self.decoder = ImageDecoder(self.engine.input_size, cfg.max_image_bytes,
                                     cfg.max_image_pixels, cfg.decode_workers)
         self.worker = ModelWorker(self.engine, self.cache, self.catalog, self.batcher, self.metrics)
