@@ -207,6 +207,8 @@ def _read_header(blob: bytes) -> dict[str, str]:
         raise ResidualFormatError(f"truncated file: header claims {n} bytes, file has {len(blob) - 8}")
     try:
         header = json.loads(bytes(blob[8:8 + n]))
+    except RecursionError as e:  # "[[[[..." nested past the interpreter's limit
+        raise ResidualFormatError("header is not JSON: nested too deeply") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ResidualFormatError(f"header is not JSON: {e}") from e
     if not isinstance(header, dict):
@@ -270,7 +272,7 @@ def _check_structure(residual: Residual) -> None:
         classes = json.loads(residual.metadata["classes"])
         json.loads(residual.metadata["metrics"])
         json.loads(residual.metadata["config"])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ResidualFormatError(f"metadata classes/metrics/config is not JSON: {e}") from e
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise ResidualFormatError("metadata classes must be a non-empty JSON list of strings")
