@@ -6,8 +6,9 @@ import contextlib
 import hmac
 import logging
 
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.config import ServeConfig
@@ -20,6 +21,52 @@ from server.runtime import ServeRuntime
 from server.uploads import read_images, read_v2_images
 
 logger = logging.getLogger(__name__)
+
+# The task-name rule of residual_store.stores.validate_task_name, in the schema so that clients
+# (and fuzzers) see it; a name outside it is a 422 before any lookup.
+TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_TASK_DOC = "published task name (1-64 of A-Z a-z 0-9 _ . -, first a letter or digit)"
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a short name and one readable line."""
+
+    error: str
+    detail: str
+
+
+_ERROR_TEXT = {400: "bad request or corrupt image", 401: "admin token missing",
+               403: "wrong admin token", 404: "unknown task (or admin routes disabled)",
+               408: "the upload did not arrive within --request-timeout",
+               409: "conflicts with the configuration", 413: "upload too large",
+               415: "not a JPEG, PNG or WebP image", 422: "invalid parameters",
+               429: "queue full: retry after Retry-After seconds",
+               503: "not ready, shutting down, store unavailable or timed out"}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorBody, "description": _ERROR_TEXT[c]} for c in codes}
+
+
+_IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    **{f"image/{k}": {"schema": {"type": "string", "format": "binary"}} for k in ("jpeg", "png", "webp")},
+}}}
+_V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "datatype": {"const": "BYTES"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "data": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}}}}}}}}}}
+_INFER_ERRORS = _errors(400, 404, 408, 413, 415, 422, 429, 503)
+_TASK_ERRORS = _errors(404, 422, 503)
+_ADMIN_ERRORS = _errors(401, 403, 404, 422, 503)
+
+
+def _task_path():
+    return Path(..., pattern=TASK_PATTERN, description=_TASK_DOC)
 
 
 def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> FastAPI:
@@ -35,7 +82,10 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
         await asyncio.to_thread(runtime.stop)
 
     # No docs page: Swagger UI would fetch its assets from a CDN. /openapi.json stays.
-    app = FastAPI(title="uda-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No slash redirects: an API answers the path it was asked (a 307 to a guessed path only
+    # confuses clients and fuzzers).
+    app = FastAPI(title="uda-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)
     app.state.runtime = runtime
     install_error_boundary(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=runtime.metrics,
@@ -59,17 +109,18 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
 
     # -- inference ---------------------------------------------------------------------------
 
-    @app.post("/predict")
-    async def predict(request: Request, task: str = Query(..., description="published task name"),
+    @app.post("/predict", responses=_INFER_ERRORS, openapi_extra=_IMAGE_BODY)
+    async def predict(request: Request, task: str = Query(..., pattern=TASK_PATTERN, description=_TASK_DOC),
                       top_k: int = Query(5, ge=1, le=1000)):
         task_known(request, task)
-        uploads = await read_images(request, cfg.max_batch, cfg.max_image_bytes)
+        uploads = await read_images(request, cfg.max_batch, cfg.max_image_bytes, cfg.request_timeout)
         return predict_body(await runtime.infer(task, uploads), top_k)
 
-    @app.post("/v2/models/{task}/infer")
-    async def v2_infer(request: Request, task: str):
+    @app.post("/v2/models/{task}/infer", responses=_INFER_ERRORS, openapi_extra=_V2_BODY)
+    async def v2_infer(request: Request, task: str = _task_path()):
         task_known(request, task)
-        uploads, body = await read_v2_images(request, cfg.max_batch, cfg.max_image_bytes)
+        uploads, body = await read_v2_images(request, cfg.max_batch, cfg.max_image_bytes,
+                                             cfg.request_timeout)
         return v2_infer_body(await runtime.infer(task, uploads), body)
 
     # -- Open Inference Protocol v2 metadata and health ----------------------------------------
@@ -78,25 +129,25 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def v2_live():
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", responses=_errors(503))
     async def v2_ready():
         problems = runtime.readiness()
         if problems:
             return error_response(503, "not ready", "; ".join(problems))
         return {"ready": True}
 
-    @app.get("/v2/models/{task}")
-    async def v2_model(request: Request, task: str):
+    @app.get("/v2/models/{task}", responses=_TASK_ERRORS)
+    async def v2_model(request: Request, task: str = _task_path()):
         return v2_model_body(task_known(request, task))
 
-    @app.get("/v2/models/{task}/ready")
-    async def v2_model_ready(request: Request, task: str):
+    @app.get("/v2/models/{task}/ready", responses=_TASK_ERRORS)
+    async def v2_model_ready(request: Request, task: str = _task_path()):
         tv = task_known(request, task)
         return {"name": task, "ready": True, "resident": runtime.cache.peek(tv.key) is not None}
 
     # -- operations ------------------------------------------------------------------------------
 
-    @app.get("/tasks")
+    @app.get("/tasks", responses=_errors(503))
     async def tasks():
         return {"tasks": runtime.task_entries()}
 
@@ -104,7 +155,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def healthz():
         return {"status": "alive", **runtime.describe()}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_errors(503))
     async def readyz():
         problems = runtime.readiness()
         if problems:
@@ -114,25 +165,26 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
         return {"status": "ready", "tasks": len(tasks),
                 "problems": runtime.startup_problems, **runtime.describe()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
     # -- admin -------------------------------------------------------------------------------------
 
-    @app.post("/admin/tasks/{task}/load", dependencies=[Depends(admin)])
-    async def admin_load(task: str):
+    @app.post("/admin/tasks/{task}/load", dependencies=[Depends(admin)], responses=_ADMIN_ERRORS)
+    async def admin_load(task: str = _task_path()):
         return await runtime.load(task)
 
-    @app.post("/admin/tasks/{task}/unload", dependencies=[Depends(admin)])
-    async def admin_unload(task: str):
+    @app.post("/admin/tasks/{task}/unload", dependencies=[Depends(admin)],
+              responses={**_ADMIN_ERRORS, **_errors(409)})
+    async def admin_unload(task: str = _task_path()):
         return runtime.unload(task)
 
-    @app.post("/admin/reload", dependencies=[Depends(admin)])
+    @app.post("/admin/reload", dependencies=[Depends(admin)], responses=_ADMIN_ERRORS)
     async def admin_reload():
         return await runtime.reload()
 
-    @app.get("/admin/fingerprint", dependencies=[Depends(admin)])
+    @app.get("/admin/fingerprint", dependencies=[Depends(admin)], responses=_ADMIN_ERRORS)
     async def admin_fingerprint():
         """The base weights' sha256 now (any applied residual removed first) vs. at start."""
         now = await runtime.fingerprint_now()

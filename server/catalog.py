@@ -42,7 +42,7 @@ class TaskVersion:
     def classes(self) -> list[str]:
         try:
             return list(json.loads(self.metadata.get("classes", "[]")))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             return []
 
     @property

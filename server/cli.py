@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="a task waiting this much longer than the applied one preempts it")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="most queued requests before 429")
-    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds before 503")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds to receive an upload (408) and to wait for its answer (503)")
     p.add_argument("--preload", default="", help="TASK[,TASK] made resident at start")
     p.add_argument("--pin", default="", help="TASK[,TASK] never evicted")
     p.add_argument("--host", default=d.host)

@@ -52,7 +52,7 @@ class ServeConfig:
     max_batch: int = 32  # most images run in one forward pass (also the most per request)
     max_wait_ms: float = 50.0  # a task waiting this much longer than the applied one preempts it
     max_queue: int = 1024  # most requests queued over all tasks before answering 429
-    request_timeout: float = 30.0  # seconds a request may wait for its answer before 503
+    request_timeout: float = 30.0  # seconds for the upload to arrive (408) and for its answer (503)
     preload: tuple[str, ...] = ()  # tasks made resident at start
     pin: tuple[str, ...] = ()  # tasks never evicted (made resident at start too)
     host: str = "127.0.0.1"  # interface to listen on

@@ -10,7 +10,8 @@ class ImageRejected(ServeError):
     """An upload the server will not decode; `kind` picks the HTTP status at the edge."""
 
     def __init__(self, kind: str, message: str):
-        # kind: "not_image" (415), "corrupt" (400), "too_large" (413), "bad_request" (400)
+        # kind: "not_image" (415), "corrupt" (400), "too_large" (413), "bad_request" (400),
+        # "timeout" (408: the body did not arrive within --request-timeout)
         self.kind = kind
         super().__init__(message)
 

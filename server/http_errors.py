@@ -34,7 +34,8 @@ from server.errors import (
 logger = logging.getLogger(__name__)
 
 _IMAGE_STATUS = {"not_image": (415, "unsupported media type"), "corrupt": (400, "corrupt image"),
-                 "too_large": (413, "payload too large"), "bad_request": (400, "bad request")}
+                 "too_large": (413, "payload too large"), "bad_request": (400, "bad request"),
+                 "timeout": (408, "request timeout")}
 _RETRY_AFTER_S = {QueueFull: "1", RequestTimeout: "1", ShuttingDown: "5", NotReady: "5",
                   TaskUnavailable: "5", StoreUnavailable: "5"}
 

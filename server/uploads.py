@@ -2,10 +2,13 @@
 
 Three shapes: multipart `file` fields, one raw `image/*` body, and the Open Inference Protocol
 v2 JSON body whose BYTES input carries base64 image bytes. The body is read as a stream and
-cut off at a limit derived from --max-image-bytes and --max-batch, before it is all in memory.
+cut off at a limit derived from --max-image-bytes and --max-batch, before it is all in memory,
+and it must arrive within --request-timeout (408 otherwise), so a client that uploads slowly or
+stalls cannot hold a connection and its buffers forever.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -26,13 +29,13 @@ def body_limit(max_files: int, max_image_bytes: int, base64_json: bool = False) 
     return max_files * (per_file + _MULTIPART_OVERHEAD)
 
 
-async def _stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _stream(request: Request, limit: int, timeout: float | None = None) -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ImageRejected("too_large", f"request body of {declared} bytes exceeds the {limit} "
                                          "byte limit (--max-image-bytes x --max-batch)")
     total = 0
-    async for chunk in request.stream():
+    async for chunk in _within(request.stream(), timeout):
         total += len(chunk)
         if total > limit:
             raise ImageRejected("too_large", f"request body exceeds the {limit} byte limit "
@@ -40,23 +43,47 @@ async def _stream(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    return b"".join([chunk async for chunk in _stream(request, limit)])
+async def _within(chunks: AsyncIterator[bytes], timeout: float | None) -> AsyncIterator[bytes]:
+    """`chunks`, failing with ImageRejected("timeout") when they have not all arrived within
+    `timeout` seconds of the first read (None: no limit)."""
+    if timeout is None:
+        async for chunk in chunks:
+            yield chunk
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), max(deadline - loop.time(), 0.0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ImageRejected("timeout", f"the request body did not arrive within {timeout:g} s "
+                                           "(--request-timeout)") from None
+        yield chunk
 
 
-async def read_images(request: Request, max_files: int, max_image_bytes: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of each uploaded image in a /predict request."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    return b"".join([chunk async for chunk in _stream(request, limit, timeout)])
+
+
+async def read_images(request: Request, max_files: int, max_image_bytes: int,
+                      timeout: float | None = None) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each uploaded image in a /predict request; the body must arrive within
+    `timeout` seconds."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _multipart(request, max_files, max_image_bytes)
+        return await _multipart(request, max_files, max_image_bytes, timeout)
     if ctype.startswith("image/"):
-        return [("body", await read_body(request, max_image_bytes))]
+        return [("body", await read_body(request, max_image_bytes, timeout))]
     raise ImageRejected("not_image", f"content type {ctype or 'none'!r}: send multipart/form-data "
                                      "with `file` fields, or one image as an image/* body")
 
 
-async def _multipart(request: Request, max_files: int, max_image_bytes: int) -> list[tuple[str, bytes]]:
-    parser = MultiPartParser(request.headers, _stream(request, body_limit(max_files, max_image_bytes)),
+async def _multipart(request: Request, max_files: int, max_image_bytes: int,
+                     timeout: float | None = None) -> list[tuple[str, bytes]]:
+    parser = MultiPartParser(request.headers, _stream(request, body_limit(max_files, max_image_bytes), timeout),
                              max_files=max_files, max_fields=16)
     try:
         form = await parser.parse()
@@ -75,10 +102,10 @@ async def _multipart(request: Request, max_files: int, max_image_bytes: int) -> 
     return files
 
 
-async def read_v2_images(request: Request, max_files: int, max_image_bytes: int
-                         ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+async def read_v2_images(request: Request, max_files: int, max_image_bytes: int,
+                         timeout: float | None = None) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """Images of an Open Inference Protocol v2 infer request, and the request's JSON."""
-    raw = await read_body(request, body_limit(max_files, max_image_bytes, base64_json=True))
+    raw = await read_body(request, body_limit(max_files, max_image_bytes, base64_json=True), timeout)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

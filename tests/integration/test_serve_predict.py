@@ -153,7 +153,7 @@ PNG = {"headers": {"content-type": "image/png"}}
 
 @pytest.mark.parametrize("params,kwargs,status,error", [
     ({"task": "nope"}, {"content": IMAGES[0], **PNG}, 404, "unknown task"),
-    ({"task": "bad name!"}, {"content": IMAGES[0], **PNG}, 400, "invalid task name"),
+    ({"task": "bad name!"}, {"content": IMAGES[0], **PNG}, 422, "invalid request"),  # the schema has the name rule
     ({}, {"content": IMAGES[0], **PNG}, 422, "invalid request"),
     ({"task": "Ar2Cl", "top_k": 0}, {"content": IMAGES[0], **PNG}, 422, "invalid request"),
     ({"task": "Ar2Cl"}, {"content": b"plain text", "headers": {"content-type": "text/plain"}}, 415, None),
