@@ -154,7 +154,7 @@ class LoraPeer:
         self.visual, self.rank, self.device = visual, rank, device
         self.model = None
         self.active: str | None = None  # adapter selected by set_adapter
-        self.last: str | None = None  # task of the previous batch
+        self.last: dict[str, str | None] = {}  # mode -> task of its previous batch (modes share adapters)
 
     def _config(self):
         from peft import LoraConfig
@@ -172,15 +172,16 @@ class LoraPeer:
             self.model.add_adapter(t.name, self._config())
         self.model.to(self.device).eval().requires_grad_(False)
         self.model.set_adapter(tasks[0].name)
-        self.active = self.last = tasks[0].name
+        self.active = tasks[0].name
+        self.last = {mode: tasks[0].name for mode in self.modes}
 
     def task_bytes(self, task: Task) -> int:
         own = [p for n, p in self.model.named_parameters() if n.endswith(f".{task.name}.weight")]
         return sum(p.numel() * p.element_size() for p in own) + common.module_nbytes(task.head)
 
     def run(self, mode: str, task: Task, batch: torch.Tensor) -> Step:
-        switched, switch_s = task.name != self.last, 0.0
-        self.last = task.name
+        switched, switch_s = task.name != self.last.get(mode), 0.0
+        self.last[mode] = task.name
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             if mode == "lora-mixed":
@@ -418,10 +419,13 @@ def run_n(engine, cfg: PeersConfig, n: int, imgs: dict[int, torch.Tensor], tmp: 
     for group in peer_groups(cfg.peers):
         name = group[0] if len(group) == 1 else "lora"
         gc.collect()
-        rss0, dev0 = common.rss_bytes(), common.device_bytes(device)
         t0 = time.perf_counter()
         try:
             peer = build_peer(group[0], engine, cfg, tmp, capacity)
+            gc.collect()
+            # After build_peer: a PEFT peer's copy of the encoder stands for the one shared base,
+            # not for memory its tasks add.
+            rss0, dev0 = common.rss_bytes(), common.device_bytes(device)
             peer.setup(tasks)
             peer.modes = tuple(m for m in peer.modes if m in group)
             setup_s = time.perf_counter() - t0

@@ -84,6 +84,10 @@ class Catalog:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.store_error: str | None = None  # last store failure, None when the store answers
+        # Served tasks the store lost (it restarted empty or was wiped), kept serving from the
+        # cache until republished; None when the store lists everything served.
+        self.store_warning: str | None = None
+        self._store_reset = False  # the store was seen empty or going back while we served
         self.last_reconcile: float | None = None
 
     # -- reads --------------------------------------------------------------------------------
@@ -147,11 +151,53 @@ class Catalog:
             logger.info("store %s reachable again", self.store.url)
         self.store_error = None
         self.last_reconcile = time.time()
+        self._note_reset(current)
         for task, info in sorted(current.items()):
-            self.consider(task, info.version, info.sha256, info)
-        for task in set(self._tasks) - set(current):
-            self.remove(task)
+            served = self._tasks.get(task)
+            reset = served is not None and info.version < served.version and self._lost(task, served)
+            if reset:
+                # Versions only increase in a live store: this one restarted and was republished.
+                logger.warning("store %s: task %s is back at v%d below the served v%d, the store "
+                               "was reset; following it", self.store.url, task, info.version,
+                               served.version)
+            self.consider(task, info.version, info.sha256, info, reset=reset)
+        missing = set(self._tasks) - set(current)
+        if not self._store_reset:
+            for task in missing:
+                self.remove(task)
+            missing = set()
+        self._report_missing(missing)
         return True
+
+    def _note_reset(self, current: dict) -> None:
+        """An empty store while tasks are served means lost data, not a delete of everything."""
+        if not current and self._tasks and not self._store_reset:
+            self._store_reset = True
+            logger.warning("store %s lists no tasks while %d are served: it restarted empty or "
+                           "was wiped; serving them from the cache until they are republished",
+                           self.store.url, len(self._tasks))
+
+    def _lost(self, task: str, served: TaskVersion) -> bool:
+        """True when the store no longer has the served version (it was reset)."""
+        try:
+            self.store.info(task, served.version)
+            return False
+        except UnknownTask:
+            return True
+        except (ResidualStoreError, OSError):
+            return False
+
+    def _report_missing(self, missing: set[str]) -> None:
+        if missing:
+            self.store_warning = (f"store {self.store.url} has no tasks {sorted(missing)[:5]} "
+                                  f"({len(missing)} served from the cache): it restarted empty or "
+                                  "was wiped; republish them (uda-store publish)")
+        elif self._store_reset:
+            logger.info("store %s lists every served task again", self.store.url)
+            self._store_reset = False
+            self.store_warning = None
+        if self.metrics is not None:
+            self.metrics.tasks_missing(len(missing))
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.reconcile_interval):
@@ -178,12 +224,13 @@ class Catalog:
 
     # -- changes ------------------------------------------------------------------------------------
 
-    def consider(self, task: str, version: int, sha256: str, info=None) -> None:
+    def consider(self, task: str, version: int, sha256: str, info=None, reset: bool = False) -> None:
         """React to `task` having current (version, sha256) in the store (`info`: its
-        VersionInfo when the caller has it already)."""
+        VersionInfo when the caller has it already; `reset`: the store lost the served version
+        and numbers again from 1, so a lower version is news)."""
         with self._lock:
             old = self._tasks.get(task)
-            if old is not None and version <= old.version:
+            if old is not None and version <= old.version and not (reset and version != old.version):
                 return  # old news (events and reconcile overlap)
             if old is not None and old.sha256 == sha256:
                 # Same bytes under a higher number (a rollback to what is served): nothing to load.
@@ -192,7 +239,7 @@ class Catalog:
             refused = self._refused.get(task)
             if refused is not None and refused.version == version:
                 return  # counted and logged once already
-            if self._staging.get(task, -1) >= version:
+            if self._staging.get(task, -1) >= version and not reset:
                 return  # this (or a newer) version is loading already
         try:
             info = info if info is not None else self.store.info(task, version)
@@ -218,7 +265,7 @@ class Catalog:
             if warm or cold_known or (old is None and task in self.cache.pinned):
                 self._staging[task] = version
             else:
-                self._switch(candidate)
+                self._switch(candidate, reset)
                 return
         if cold_known:
             # A served version exists but is not resident: check the new file before it replaces
@@ -231,15 +278,15 @@ class Catalog:
                 future.set_exception(e)
         else:
             future = self.cache.load_async(task, version, sha256)
-        future.add_done_callback(lambda f, c=candidate: self._staged(c, f))
+        future.add_done_callback(lambda f, c=candidate: self._staged(c, f, reset))
 
-    def _staged(self, candidate: TaskVersion, future: Future) -> None:
+    def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:
         with self._lock:
             if self._staging.get(candidate.task) == candidate.version:
                 del self._staging[candidate.task]
             error = future.exception()
             if error is None:
-                self._switch(candidate)
+                self._switch(candidate, reset)
                 return
         reason = refusal_reason(error)
         if reason is None:
@@ -248,10 +295,10 @@ class Catalog:
             return
         self._refuse(candidate, reason, str(error), counted=True)
 
-    def _switch(self, candidate: TaskVersion) -> None:
+    def _switch(self, candidate: TaskVersion, reset: bool = False) -> None:
         with self._lock:
             old = self._tasks.get(candidate.task)
-            if old is not None and candidate.version <= old.version:
+            if old is not None and candidate.version <= old.version and not reset:
                 return
             self._tasks[candidate.task] = candidate
             self._refused.pop(candidate.task, None)

@@ -80,6 +80,10 @@ class Metrics:
         self.store_up = Gauge("uda_store_up", "1 when the residual store answered the last check",
                               registry=r)
         self.queue_capacity = Gauge("uda_queue_capacity", "The --max-queue bound", registry=r)
+        self.store_tasks_missing = Gauge(
+            "uda_store_tasks_missing",
+            "Served tasks the store lost (restarted empty or wiped), served from the cache",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -131,6 +135,10 @@ class Metrics:
     @_safe
     def store_reachable(self, up: bool) -> None:
         self.store_up.set(1 if up else 0)
+
+    @_safe
+    def tasks_missing(self, count: int) -> None:
+        self.store_tasks_missing.set(count)
 
     @_safe
     def capacity(self, max_queue: int) -> None:

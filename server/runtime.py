@@ -121,6 +121,8 @@ class ServeRuntime:
             problems.append("model thread stopped")
         if self.catalog is not None and self.catalog.store_error:
             problems.append(self.catalog.store_error)
+        if self.catalog is not None and self.catalog.store_warning:
+            problems.append(self.catalog.store_warning)
         return problems
 
     def describe(self) -> dict[str, Any]:
