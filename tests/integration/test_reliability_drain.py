@@ -1,0 +1,89 @@
+"""Issue 6, point 11: graceful drain of a real `uda-serve` process.
+
+SIGTERM while requests are in flight: every one of them completes with the right answer;
+readiness fails at once and new work is refused (the listening socket closes: a new connection
+is refused or answered 503); the process exits 0 before --grace-period runs out.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+import reliability_support as rs
+
+from residual_store.stores import open_store
+
+pytestmark = pytest.mark.integration
+
+GRACE_S = 90
+
+
+def _refused(url: str, path: str, **kw) -> bool:
+    """True when the server takes no new work on a new connection."""
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            resp = c.request("POST" if path.startswith("/predict") else "GET", path, **kw)
+        return resp.status_code == 503
+    except httpx.TransportError:  # connection refused or closed: not accepting
+        return True
+
+
+CLIENTS, IMAGES_PER_REQUEST = 8, 16
+MODEL = "uda-tiny-rn"  # slower than the ViT: requests pile up in the queue
+
+
+def _queue_depth(url: str) -> int:
+    return int(rs.metric(httpx.get(f"{url}/metrics", timeout=10).text, "uda_queue_depth") or 0)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_work(tmp_path):
+    model = rs.base(MODEL)
+    residual = rs.random_residual(model, "Drain", ["a", "b", "c"], base_model=MODEL, seed=1)
+    expected = rs.reference_scores(model, residual, rs.tensors(rs.IMAGES, size=64))
+    open_store(str(tmp_path / "store")).publish("Drain", rs.to_bytes(residual))
+    port = rs.free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(rs.uda_serve_command() + [
+        "--model", MODEL, "--store", str(tmp_path / "store"), "--port", str(port),
+        "--max-batch", str(IMAGES_PER_REQUEST), "--grace-period", str(GRACE_S), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rs.wait_for("uda-serve ready", lambda: proc.poll() is None and
+                    httpx.get(f"{url}/readyz", timeout=2).status_code == 200, timeout=240, interval=0.2)
+        files = [("file", (f"{i}.png", rs.IMAGES[i % 3], "image/png")) for i in range(IMAGES_PER_REQUEST)]
+
+        def call(_):
+            with httpx.Client(base_url=url, timeout=GRACE_S) as c:
+                return c.post("/predict?task=Drain&top_k=3", files=files)
+
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            futures = [pool.submit(call, i) for i in range(CLIENTS)]
+            # In flight = received by the server: queued there or answered, at most one running,
+            # and several still queued when the signal comes.
+            rs.wait_for("requests in flight", lambda: (d := _queue_depth(url)) >= 2 and
+                        d + sum(f.done() for f in futures) >= CLIENTS - 1, interval=0.01)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            refused_ready = _refused(url, "/readyz")
+            refused_work = _refused(url, "/predict?task=Drain", content=rs.IMAGES[0],
+                                    headers={"content-type": "image/png"})
+            responses = [f.result() for f in futures]
+        out, _ = proc.communicate(timeout=GRACE_S + 30)
+        exited_after = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert refused_ready and refused_work
+    assert [r.status_code for r in responses] == [200] * CLIENTS
+    for r in responses:
+        for i, pred in enumerate(r.json()["predictions"]):
+            top = {t["index"]: t["score"] for t in pred["top_k"]}
+            assert all(abs(top[k] - float(expected[i % 3][k])) <= 1e-5 for k in top)
+    assert proc.returncode == 0, out
+    assert exited_after < GRACE_S, f"exit took {exited_after:.0f} s, the grace period is {GRACE_S} s"
+    assert "Traceback" not in out and "uda-serve: stopped" in out

@@ -1,0 +1,101 @@
+"""Issue 6, point 4: eviction during use, with a cache that holds one residual.
+
+A batch in flight keeps its residual even when the cache evicts it (admin unload, or another
+task's load) and answers correctly; under mixed traffic over three tasks every answer is right
+and the resident bytes never exceed --cache-bytes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import httpx
+import pytest
+import reliability_support as rs
+
+from residual_store.stores import open_store
+from server.config import ServeConfig
+from server.embedded import EmbeddedServer
+
+pytestmark = pytest.mark.integration
+
+TASKS = ("A", "B", "C")
+BUDGET = 15_000  # one tiny residual is about 9.5 KB: room for one, never two
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    store = open_store(str(root))
+    versions = {t: rs.make_version(t, 30 + i) for i, t in enumerate(TASKS)}
+    for task, v in versions.items():
+        store.publish(task, v.blob)
+    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0, cache_bytes=BUDGET,
+                      admin_token=rs.ADMIN_TOKEN, max_batch=4)
+    with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        yield srv, http, versions
+
+
+def test_a_batch_in_flight_survives_the_eviction_of_its_residual(served):
+    srv, http, versions = served
+    assert rs.predict(http, "A").status_code == 200
+    hits = rs.metric(srv, "uda_residual_cache_hits_total")
+    lock = srv.runtime.engine._lock
+    lock.acquire()  # the next batch stops right before its swap, holding A's entry
+    held = True
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(rs.predict, http, "A", 1)
+            rs.wait_for("A's batch picked", lambda: rs.metric(srv, "uda_residual_cache_hits_total") > hits)
+            resp = http.post("/admin/tasks/A/unload", headers=rs.admin())
+            assert resp.status_code == 200 and resp.json()["resident"] is False
+            # The model thread is blocked, so B is loaded through the admin route: it fills
+            # the one-entry cache while A's batch still waits to run.
+            resp = http.post("/admin/tasks/B/load", headers=rs.admin())
+            assert resp.status_code == 200 and resp.json()["resident"] is True
+            assert srv.runtime.cache.resident_tasks() == {"B"}
+            lock.release()
+            held = False
+            a, b = in_flight.result(60), rs.predict(http, "B", 2)
+    finally:
+        if held:
+            lock.release()
+    assert a.status_code == 200 and rs.matches(a, versions["A"], 1)
+    assert b.status_code == 200 and rs.matches(b, versions["B"], 2)
+    assert srv.runtime.cache.bytes_used <= BUDGET
+
+
+def test_mixed_traffic_with_a_one_entry_cache(served):
+    srv, _, versions = served
+    over, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            used = srv.runtime.cache.bytes_used
+            gauge = rs.metric(srv, "uda_residual_cache_bytes") or 0
+            if used > BUDGET or gauge > BUDGET or len(srv.runtime.cache) > 1:
+                over.append((used, gauge, len(srv.runtime.cache)))
+
+    def client(i):
+        out = []
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for j in range(8):
+                task, image = TASKS[(i + j) % 3], (i * j) % len(rs.IMAGES)
+                out.append((task, image, rs.predict(c, task, image)))
+        return out
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    evictions = rs.metric(srv, "uda_residual_cache_evictions_total")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = [x for part in pool.map(client, range(4)) for x in part]
+    finally:
+        stop.set()
+        sampler.join()
+    assert not over, over[:5]
+    for task, image, resp in results:
+        assert resp.status_code == 200, resp.text
+        assert rs.matches(resp, versions[task], image), (task, image)
+    assert rs.metric(srv, "uda_residual_cache_evictions_total") > evictions
+    assert srv.runtime.engine.fingerprint_now() == srv.runtime.engine.fingerprint
