@@ -99,7 +99,8 @@ class ResidualLoader:
             host_flat = residual.to_flat(self.engine.layout, self.engine.flat.buffer.dtype, "cpu")
             if self._stream is not None:
                 host_flat = FlatResidual(host_flat.index.pin_memory(), host_flat.values.pin_memory())
-                self.host_tier.put(key, residual, host_flat)
+                if self.host_tier is not None:  # no host tier when its budget is 0
+                    self.host_tier.put(key, residual, host_flat)
         else:
             residual, host_flat = staged
         flat, head = self._upload(residual, host_flat)
