@@ -101,7 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uda-serve: cannot start: {e}", file=sys.stderr)
         return 1
     _print_banner(runtime)
-    server = uvicorn.Server(uvicorn.Config(
+    class DrainingServer(uvicorn.Server):
+        # uvicorn closes its listening socket only on its next tick; a request accepted in
+        # between must be refused, and readiness must fail, from the moment the signal lands.
+        def handle_exit(self, sig, frame):
+            runtime.begin_drain()
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(
         create_app(config, runtime), host=config.host, port=config.port,
         log_level=config.log_level, timeout_graceful_shutdown=config.grace_period,
         lifespan="on"))

@@ -90,6 +90,15 @@ class ServeRuntime:
                 self.startup_problems.append(f"could not preload {task!r}: {e}")
                 logger.error("could not preload %s: %s", task, e)
 
+    def begin_drain(self) -> None:
+        """Refuse new work and fail readiness at once; queued requests still get answered.
+
+        Called from the SIGTERM handler: uvicorn only closes its listening socket on its next
+        tick, and a request accepted in between must not be queued behind the drain.
+        """
+        if self.batcher is not None:
+            self.batcher.close()
+
     def stop(self) -> None:
         """Finish queued requests within --grace-period, then release everything."""
         if self.stopped:
