@@ -221,9 +221,6 @@ class ShiraPeer(LoraPeer):
                   for m in self.model.modules() if hasattr(m, "shira_indices") and task.name in m.shira_indices)
         return own + idx + common.module_nbytes(task.head)
 
-    def run(self, mode: str, task: Task, batch: torch.Tensor) -> Step:
-        return super().run("lora-set", task, batch)
-
 
 _mask_generator = torch.Generator().manual_seed(1234)
 

@@ -182,7 +182,8 @@ def summarize_child(child: dict, backend: str, density: float, publish_s: list[f
     return rows
 
 
-def run(cfg: ScaleConfig) -> dict:
+def run(cfg: ScaleConfig, checkpoint=None) -> dict:
+    """Every density of the config; `checkpoint(payload)` is called after each one."""
     from residual_store import BaseSpec
     from residual_store.stores import open_store
     from server.engine import SwapEngine
@@ -194,6 +195,13 @@ def run(cfg: ScaleConfig) -> dict:
     numel = engine.layout.numel
     del engine
     rows, redis_memory, children, directory_bytes, prefixes = [], {}, {}, {}, []
+
+    def payload() -> dict:
+        return {"scenario": "scale", "config": dataclasses.asdict(cfg),
+                "machine": common.machine_info(__import__("torch").device(cfg.device)),
+                "encoder_params": numel, "rows": rows, "redis_memory": redis_memory,
+                "children": children, "directory_bytes": directory_bytes, "redis_prefixes": prefixes}
+
     n = max(cfg.tasks)
     for density in cfg.densities:
         with tempfile.TemporaryDirectory(prefix="uda-bench-scale-") as tmp:
@@ -223,14 +231,13 @@ def run(cfg: ScaleConfig) -> dict:
                     children[f"{name}@{density}"] = child
                     rows += summarize_child(child, name, density, publish_s[name])
                 directory_bytes[str(density)] = disk
+                if checkpoint is not None:
+                    checkpoint(payload())
             finally:
                 if prefix:
                     removed = delete_prefix(cfg.redis_url, prefix)
                     logger.info("deleted %d Redis keys under %s", removed, prefix)
-    return {"scenario": "scale", "config": dataclasses.asdict(cfg),
-            "machine": common.machine_info(__import__("torch").device(cfg.device)),
-            "encoder_params": numel, "rows": rows, "redis_memory": redis_memory, "children": children,
-            "directory_bytes": directory_bytes, "redis_prefixes": prefixes}
+    return payload()
 
 
 def table(payload: dict) -> str:
@@ -300,9 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       redis_url=None if args.no_redis else args.redis_url,
                       redis_max_tasks=args.redis_max_tasks, seed=args.seed,
                       in_process=args.in_process or args.quick)
+    path = common.result_path(args.out, "scale")
     try:
         cfg.validate()
-        payload = run(cfg)
+        payload = run(cfg, checkpoint=lambda partial: common.write_json(path, partial))
     except (ValueError, BaseModelError, RuntimeError) as e:
         print(f"bench.scale: error: {e}", file=sys.stderr)
         return 2
@@ -312,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ("; loaded IN-PROCESS: the RSS includes the publisher's memory" if cfg.in_process else ""))
     print(common.machine_line(payload["machine"]))
     print(table(payload))
-    path = common.write_json(common.result_path(args.out, "scale"), payload)
+    common.write_json(path, payload)
     print(f"raw results: {path}")
     return 0
 

@@ -281,14 +281,19 @@ class Catalog:
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f, reset))
 
     def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:
+        error = future.exception()
+        reason = refusal_reason(error) if error is not None else None
         with self._lock:
             if self._staging.get(candidate.task) == candidate.version:
                 del self._staging[candidate.task]
-            error = future.exception()
             if error is None:
                 self._switch(candidate, reset)
                 return
-        reason = refusal_reason(error)
+            if reason is not None:
+                # Recorded in the same critical section that ends the staging, so the other
+                # follower (events vs reconcile) cannot stage, count and log it a second time.
+                self._refused[candidate.task] = Refusal(candidate.version, candidate.sha256,
+                                                        reason, str(error))
         if reason is None:
             # Not the residual's fault (store blip...): the next reconcile tries again.
             logger.warning("could not stage %s v%d: %s", candidate.task, candidate.version, error)

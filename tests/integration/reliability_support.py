@@ -103,7 +103,7 @@ def admin(token: str = ADMIN_TOKEN) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def wait_for(what: str, probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.05) -> T:
+def wait_for(what: str, probe: Callable[[], T], timeout: float = 120.0, interval: float = 0.05) -> T:
     """Poll `probe` until it returns a truthy value; fail naming `what` if it never does.
 
     The timeout only bounds a hang on a slow shared machine; no test asserts on durations.
