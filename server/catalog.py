@@ -177,6 +177,21 @@ class Catalog:
                            "was wiped; serving them from the cache until they are republished",
                            self.store.url, len(self._tasks))
 
+    def catch_up(self, task: str) -> bool:
+        """Move `task` to the store's current version now; True when that changed what is served.
+
+        For a served version the store no longer retains (trimmed by newer publishes before this
+        server loaded it): the requests waiting for it should get the newer one, not a 503.
+        """
+        served = self.get(task)
+        try:
+            info = self.store.info(task)
+        except (ResidualStoreError, OSError):
+            return False
+        self.consider(task, info.version, info.sha256, info=info)
+        now = self.get(task)
+        return now is not None and served is not None and now.version > served.version
+
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""
         try:

@@ -120,7 +120,12 @@ class ModelWorker:
                 self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
             elif future.done():
                 del self._loads[tv.key]
-                self._fail_task(task, self._unavailable(tv, future.exception()))
+                error = future.exception()
+                # A version trimmed by newer publishes before it was loaded: serve the newest
+                # (one store read on this thread, only on that rare path).
+                if isinstance(error, UnknownTask) and self.catalog.catch_up(task):
+                    continue
+                self._fail_task(task, self._unavailable(tv, error))
         return ready
 
     @staticmethod

@@ -1,0 +1,27 @@
+"""The soak benchmark (bench/soak.py) in small: half a minute, 12 tasks, the same checks."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ is a folder of scripts at the repository root, not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import soak  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_soak_smoke(capsys):
+    # A half-minute run is too short for the RSS criterion to mean anything: it is printed, not
+    # enforced (the real run, with its warm-up, is in bench/RESULTS-soak.md).
+    code = soak.main(["--minutes", "0.5", "--tasks", "12", "--cache-tasks", "3", "--churn-every", "1",
+                      "--malformed", "0.05", "--max-rss-growth", "100"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[ok] zero 5xx for well-formed requests" in out
+    assert "[ok] every answer equals its reference" in out
+    assert "[ok] base fingerprint unchanged" in out
+    assert "wrong: 0" in out
