@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_soak_smoke(capsys):
     # A half-minute run is too short for the RSS criterion to mean anything: it is printed, not
-    # enforced (the real run, with its warm-up, is in bench/RESULTS-soak.md).
+    # enforced (the real run, with its warm-up, is in BENCHMARKS.md).
     code = soak.main(["--minutes", "0.5", "--tasks", "12", "--cache-tasks", "3", "--churn-every", "1",
                       "--malformed", "0.05", "--max-rss-growth", "100"])
     out = capsys.readouterr().out
