@@ -6,10 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# bench/ is a folder of scripts at the repository root, not an installed package
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench import swap  # noqa: E402
+from bench import swap
 
 FAST = ["--quick", "--threads", "1", "--swap-runs", "3", "--forward-runs", "1"]
 

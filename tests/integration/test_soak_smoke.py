@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
-# bench/ is a folder of scripts at the repository root, not an installed package
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench import soak  # noqa: E402
+from bench import soak
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
