@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from residual_store.errors import BaseModelError
+from residual_store.errors import BaseModelError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class BaseSpec:
                                                weights_only=True)
             except Exception as e:  # open_clip raises RuntimeError/KeyError/pickle errors alike
                 raise BaseModelError(f"checkpoint {pretrained!r} does not fit model {name}: "
-                                     f"{_one_line(e)}") from e
+                                     f"{one_line(e, limit=300)}") from e
         else:
             model = _build_from_tag(name, pretrained)
         return model.to(device).eval()
@@ -117,15 +117,9 @@ def _build_from_tag(name: str, tag: str) -> nn.Module:
         return open_clip.create_model(name, pretrained=tag, device="cpu")
     except Exception as e:  # download failures surface as RuntimeError, OSError, HF errors...
         raise BaseModelError(
-            f"could not load pretrained weights {name}/{tag} (no network?): {_one_line(e)}. Download the "
+            f"could not load pretrained weights {name}/{tag} (no network?): {one_line(e, limit=300)}. Download the "
             f"checkpoint elsewhere and pass it as a local file: --pretrained /path/to/open_clip_model.safetensors"
         ) from e
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """An underlying error as one short line: load_state_dict lists every missing key on many lines."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @contextlib.contextmanager

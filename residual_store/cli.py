@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from residual_store.errors import ResidualStoreError
+from residual_store.errors import ResidualStoreError, one_line
 from residual_store.stores import ResidualStore, VersionInfo, open_store
 
 PROG = "uda-store"
@@ -224,24 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return " ".join(str(e).split()) or type(e).__name__
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                       ) -> argparse.Namespace | int:
+    """The parsed arguments with logging set up (`--verbose`: INFO), or argparse's exit code
+    after it printed the usage, so that a console script's main() stays callable from tests."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{parser.prog}: %(levelname)s: %(message)s")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage; keep main() callable from tests
-        return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(message)s")
+    args = parse_command_line(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         return args.func(args)
     except (ResidualStoreError, OSError, ValueError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

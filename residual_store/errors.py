@@ -34,3 +34,13 @@ class IntegrityError(ResidualStoreError):
 
 class BaseModelError(ResidualStoreError, ValueError):
     """The base model cannot be built (unknown name, missing checkpoint, no network...)."""
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An error as one line for a terminal or a wrapping message (load_state_dict lists every
+    missing key on its own line; an OSError reads best as `path: reason`)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from residual_store.cli import parse_command_line
 from residual_store.errors import BaseModelError, ResidualStoreError
 from trainer.config import DEVICES, METHODS, TrainConfig
 from trainer.errors import CheckpointError, ConfigError, DataError, PublishError, TrainerError
@@ -102,13 +103,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage; keep main() callable from tests
-        return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(message)s")
+    args = parse_command_line(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     cfg = config_from_args(args)
     try:
         cfg.validate()

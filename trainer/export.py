@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from residual_store.base import BaseSpec, fingerprint
-from residual_store.errors import ResidualStoreError
+from residual_store.errors import ResidualStoreError, one_line
 from residual_store.flat import FlatParams
 from residual_store.head import CosineHead
 from residual_store.residual import Residual, check_compatible, extract, from_bytes, make_residual, to_bytes
@@ -171,16 +171,12 @@ def publish(blob: bytes, task: str, url: str, artifact: Path):
     try:
         store = open_store(url)
     except (ResidualStoreError, ValueError, OSError) as e:
-        raise PublishError(f"could not open store {url}: {_one_line(e)}. The residual is saved "
+        raise PublishError(f"could not open store {url}: {one_line(e)}. The residual is saved "
                            f"at {artifact}; publish it later with: {later}") from e
     try:
         return store.publish(task, blob), store.url
     except (ResidualStoreError, OSError, ValueError) as e:
-        raise PublishError(f"could not publish to {url}: {_one_line(e)}. The residual is saved "
+        raise PublishError(f"could not publish to {url}: {one_line(e)}. The residual is saved "
                            f"at {artifact}; publish it later with: {later}") from e
     finally:
         store.close()
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

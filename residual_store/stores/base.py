@@ -76,8 +76,24 @@ class ResidualStore(abc.ABC):
 
     url: str
 
+    def publish(self, task: str, blob: bytes) -> VersionInfo:
+        """Store `blob` as the task's next version and make it current."""
+        validate_task_name(task)
+        # Imported at call time: the stores only need the format check when writing.
+        from residual_store.residual import inspect_blob
+
+        metadata = inspect_blob(blob)  # refuse an invalid blob before touching the store
+        return self._publish(task, bytes(blob), _stamped(metadata, rolled_back_from=None))
+
+    def rollback(self, task: str, version: int) -> VersionInfo:
+        """Make retained `version` current again, as a new version with the same bytes."""
+        info, blob = self.get(task, version)
+        return self._publish(task, blob, _stamped(info.metadata, rolled_back_from=version))
+
     @abc.abstractmethod
-    def publish(self, task: str, blob: bytes) -> VersionInfo: ...
+    def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
+        """Write `blob` as a new version with `metadata` (already validated) and make it
+        current, atomically; a rollback has metadata["rolled_back_from"]."""
 
     @abc.abstractmethod
     def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
@@ -93,15 +109,12 @@ class ResidualStore(abc.ABC):
     @abc.abstractmethod
     def list_tasks(self) -> list[TaskInfo]: ...
 
-    @abc.abstractmethod
     def current_versions(self) -> dict[str, tuple[int, str]]:
         """task -> (current version, sha256): the cheap call a server reconciles with."""
+        return {t.task: (t.current.version, t.current.sha256) for t in self.list_tasks()}
 
     @abc.abstractmethod
     def delete(self, task: str) -> None: ...
-
-    @abc.abstractmethod
-    def rollback(self, task: str, version: int) -> VersionInfo: ...
 
     @abc.abstractmethod
     def events(self, stop: Any = None) -> Iterator[StoreEvent]:
@@ -114,3 +127,12 @@ class ResidualStore(abc.ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def _stamped(metadata: dict[str, str], rolled_back_from: int | None) -> dict[str, str]:
+    """The blob's metadata as a version records it: where a rollback came from, if it is one."""
+    metadata = dict(metadata)
+    metadata.pop("rolled_back_from", None)
+    if rolled_back_from is not None:
+        metadata["rolled_back_from"] = str(rolled_back_from)
+    return metadata

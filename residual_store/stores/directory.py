@@ -87,13 +87,6 @@ def _read_nofollow(path: Path) -> bytes:
         return f.read()
 
 
-def _inspect(blob: bytes) -> dict[str, str]:
-    # Imported at call time: the stores only need the format check when writing.
-    from residual_store.residual import inspect_blob
-
-    return inspect_blob(blob)
-
-
 class DirectoryStore(ResidualStore):
     """Versioned residuals in `root/tasks/<task>/`; writers serialise on a per-task flock."""
 
@@ -253,26 +246,9 @@ class DirectoryStore(ResidualStore):
                                 versions=tuple(sorted(index["versions"]))))
         return out
 
-    def current_versions(self) -> dict[str, tuple[int, str]]:
-        return {t.task: (t.current.version, t.current.sha256) for t in self.list_tasks()}
-
     # -- writes ------------------------------------------------------------------------------
 
-    def publish(self, task: str, blob: bytes) -> VersionInfo:
-        validate_task_name(task)
-        metadata = _inspect(blob)  # refuse an invalid blob before touching the store
-        return self._publish(task, bytes(blob), metadata, rolled_back_from=None)
-
-    def rollback(self, task: str, version: int) -> VersionInfo:
-        info, blob = self.get(task, version)
-        return self._publish(task, blob, info.metadata, rolled_back_from=version)
-
-    def _publish(self, task: str, blob: bytes, metadata: dict[str, str],
-                 rolled_back_from: int | None) -> VersionInfo:
-        metadata = dict(metadata)
-        metadata.pop("rolled_back_from", None)
-        if rolled_back_from is not None:
-            metadata["rolled_back_from"] = str(rolled_back_from)
+    def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
         with self._locked(task, create=True) as path:
             index = self._read_index(path) or {"current": None, "last": 0, "versions": {}}
             on_disk = self._blob_versions(path)

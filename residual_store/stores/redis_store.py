@@ -90,13 +90,6 @@ return 1
 """
 
 
-def _inspect(blob: bytes) -> dict[str, str]:
-    # Imported at call time: the stores only need the format check when writing.
-    from residual_store.residual import inspect_blob
-
-    return inspect_blob(blob)
-
-
 def _split_url(url: str, prefix: str | None) -> tuple[str, str, str, str]:
     """(URL for redis-py without our `prefix` query, prefix, host:port, URL safe to print)."""
     parts = urlsplit(url)
@@ -261,28 +254,11 @@ class RedisStore(ResidualStore):
                                 versions=tuple(sorted(versions))))
         return out
 
-    def current_versions(self) -> dict[str, tuple[int, str]]:
-        return {t.task: (t.current.version, t.current.sha256) for t in self.list_tasks()}
-
     # -- writes ------------------------------------------------------------------------------
 
-    def publish(self, task: str, blob: bytes) -> VersionInfo:
-        validate_task_name(task)
-        metadata = _inspect(blob)  # refuse an invalid blob before touching the store
-        return self._publish(task, bytes(blob), metadata, rolled_back_from=None)
-
-    def rollback(self, task: str, version: int) -> VersionInfo:
-        info, blob = self.get(task, version)
-        return self._publish(task, blob, info.metadata, rolled_back_from=version)
-
-    def _publish(self, task: str, blob: bytes, metadata: dict[str, str],
-                 rolled_back_from: int | None) -> VersionInfo:
-        metadata = dict(metadata)
-        metadata.pop("rolled_back_from", None)
-        if rolled_back_from is not None:
-            metadata["rolled_back_from"] = str(rolled_back_from)
+    def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
         sha = hashlib.sha256(blob).hexdigest()
-        kind = "publish" if rolled_back_from is None else "rollback"
+        kind = "rollback" if "rolled_back_from" in metadata else "publish"
         with self._errors():
             version = int(self._r.incr(self._key("seq", task)))
             info = VersionInfo(task=task, version=version, sha256=sha, size=len(blob),

@@ -1,7 +1,6 @@
 """Keeps bench/swap.py from rotting: its quick mode runs end to end and prints its table."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest

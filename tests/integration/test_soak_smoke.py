@@ -1,7 +1,6 @@
 """The soak benchmark (bench/soak.py) in small: half a minute, 12 tasks, the same checks."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 
