@@ -39,8 +39,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from bench import common
 from residual_store import BaseSpec, FlatParams, FlatResidual, apply_residual, image_encoder, input_size, restore_residual
 from residual_store.flat import ParamLayout
+from residual_store.residual import flat_index_dtype
 
 TARGET = 0.01  # DESIGN.md: a swap must cost under 1% of a forward pass on CPU
 HUGE_PAGE = 2 << 20
@@ -83,13 +85,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def random_residual(numel: int, density: float, gen: torch.Generator) -> FlatResidual:
-    """`density * numel` distinct random positions (sorted) with RST-sized float32 deltas."""
+    """`density * numel` distinct random positions (sorted, in the server's index dtype) with
+    RST-sized float32 deltas."""
     nnz = max(1, round(density * numel))
-    # randperm over ~86 M positions would need 700 MB: oversample, dedupe, then subsample
-    candidates = torch.randint(0, numel, (int(nnz * 1.2) + 16,), generator=gen).unique()
-    while candidates.numel() < nnz:
-        candidates = torch.cat([candidates, torch.randint(0, numel, (nnz,), generator=gen)]).unique()
-    index = candidates[torch.randperm(candidates.numel(), generator=gen)[:nnz]].sort().values
+    index = common.random_flat_index(numel, nnz, gen).to(flat_index_dtype(numel))
     return FlatResidual(index, torch.randn(nnz, generator=gen) * 1e-5)
 
 
@@ -101,7 +100,7 @@ def split_per_tensor(residual: FlatResidual, layout: ParamLayout, params: dict[s
     parts = []
     for i in owner.unique().tolist():
         slot, mask = layout.slots[i], owner == i
-        parts.append((params[slot.name].view(-1), residual.index[mask] - slot.offset, residual.values[mask]))
+        parts.append((params[slot.name].view(-1), residual.index[mask].long() - slot.offset, residual.values[mask]))
     return parts
 
 
@@ -139,7 +138,7 @@ class PrecomputedSwap:
     """Two index_copy_: w0[idx] and w0[idx] + values computed once, when the residual is cached."""
 
     def __init__(self, buffer_of: Callable[[], torch.Tensor], residual: FlatResidual):
-        self.buffer_of, self.index = buffer_of, residual.index
+        self.buffer_of, self.index = buffer_of, residual.index.long()
         self.original = buffer_of().index_select(0, residual.index)
         self.applied = self.original + residual.values  # the same fp32 sum index_add_ computes
 
