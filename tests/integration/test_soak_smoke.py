@@ -1,6 +1,6 @@
-"""The soak benchmark (bench/soak.py) in small: half a minute, 12 tasks, the same checks."""
+"""The soak benchmark (bench/soak.py) in small, as issue 6 asks of CI: two minutes, 12 tasks,
+the same checks."""
 from __future__ import annotations
-
 
 import pytest
 
@@ -9,10 +9,11 @@ from bench import soak
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.mark.timeout(600)  # two minutes of traffic plus building 12 tasks on a busy machine
 def test_soak_smoke(capsys):
-    # A half-minute run is too short for the RSS criterion to mean anything: it is printed, not
-    # enforced (the real run, with its warm-up, is in BENCHMARKS.md).
-    code = soak.main(["--minutes", "0.5", "--tasks", "12", "--cache-tasks", "3", "--churn-every", "1",
+    # Two minutes are too short for the RSS criterion to mean anything (the allocator is still
+    # growing its pools): it is printed, not enforced; the 30-minute run is in BENCHMARKS.md.
+    code = soak.main(["--minutes", "2", "--tasks", "12", "--cache-tasks", "3", "--churn-every", "1",
                       "--malformed", "0.05", "--max-rss-growth", "100"])
     out = capsys.readouterr().out
     assert code == 0, out
