@@ -7,6 +7,7 @@ tier (`HostTier`) so a reload after eviction skips the store and the parsing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -71,20 +72,21 @@ class ResidualLoader:
         self._stream = torch.cuda.Stream(engine.device) if cuda else None
 
     def __call__(self, task: str, version: int, sha256: str) -> CachedResidual:
-        try:
+        with self._counting_refusals():
             return self._load(task, version, sha256)
-        except Exception as e:
-            reason = refusal_reason(e)
-            if reason is not None and self.metrics is not None:
-                self.metrics.refusal(reason)
-            raise
 
     def verify(self, task: str, version: int, sha256: str) -> None:
         """Fetch and validate (task, version) without making it resident; refusals are counted
         like a load's. The catalog checks a new version of a task that is not resident this way,
         so a bad file never replaces a good version that is merely cold."""
-        try:
+        with self._counting_refusals():
             self.fetch(task, version, sha256)
+
+    @contextlib.contextmanager
+    def _counting_refusals(self):
+        """Count a residual's refusal (uda_residuals_refused_total{reason}) and re-raise it."""
+        try:
+            yield
         except Exception as e:
             reason = refusal_reason(e)
             if reason is not None and self.metrics is not None:
