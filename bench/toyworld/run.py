@@ -1,6 +1,6 @@
 """The paper's table in miniature: every transfer task of the toy world through the real `uda-train`.
 
-    python -m bench.toyworld.run                      # the full run (README: about half an hour)
+    python -m bench.toyworld.run                      # the full run (about an hour on 2 CPU cores)
     python -m bench.toyworld.run --tasks photo2sketch --seeds 0 --epochs 1   # a taste
 
 Steps: write the world (bench/toyworld/world.py), pre-train or reuse the teacher
