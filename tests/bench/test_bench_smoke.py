@@ -44,3 +44,14 @@ def test_swap_bench_refuses_bad_flags(capsys):
         swap.main(["--quick", "--densities", "0"])
     assert info.value.code == 2
     assert "--densities must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_serve_load_quick_runs_against_a_live_server(capsys):
+    from bench import serve_load
+
+    assert serve_load.main(["--quick", "--tasks", "1,3", "--duration", "2", "--warmup", "1",
+                            "--concurrency", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks preloaded" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
