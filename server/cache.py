@@ -49,6 +49,13 @@ def head_nbytes(head: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in head.state_dict().values())
 
 
+def cached_nbytes(flat, head: nn.Module) -> int:
+    """Bytes a residual holds in the cache (flat index + values + head tensors): what
+    --cache-bytes is compared with. For a Residual not loaded yet:
+    cached_nbytes(r.to_flat(layout), r.build_head())."""
+    return flat.nbytes + head_nbytes(head)
+
+
 Loader = Callable[[str, int, str], CachedResidual]  # (task, version, sha256) -> entry
 
 

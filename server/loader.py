@@ -17,7 +17,7 @@ import torch
 
 from residual_store import FlatResidual, Residual, check_compatible, from_bytes
 from residual_store.errors import IntegrityError, ResidualFormatError, ResidualMismatch
-from server.cache import CachedResidual, head_nbytes
+from server.cache import CachedResidual, cached_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ResidualLoader:
         else:
             residual, host_flat = staged
         flat, head = self._upload(residual, host_flat)
-        nbytes = flat.nbytes + head_nbytes(head)
+        nbytes = cached_nbytes(flat, head)
         return CachedResidual(task=task, sha256=sha256, version=version, flat=flat, head=head,
                               classes=tuple(residual.classes), nnz=residual.nnz, dsp=residual.dsp,
                               nbytes=nbytes)

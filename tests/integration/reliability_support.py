@@ -31,7 +31,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from residual_store import BaseSpec, Residual, to_bytes
+from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
+from server.cache import cached_nbytes
 from server.synthetic import image_bytes, random_residual, reference_scores
 
 MODEL = "uda-tiny-vit"
@@ -68,6 +70,13 @@ class Version:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.blob).hexdigest()
+
+
+def cache_budget(residuals: float, *versions: Version) -> int:
+    """--cache-bytes for `residuals` of the largest of `versions` (1.5: one fits, never two)."""
+    layout = ParamLayout.of(base().visual)
+    largest = max(cached_nbytes(v.residual.to_flat(layout), v.residual.build_head()) for v in versions)
+    return int(residuals * largest)
 
 
 def make_version(task: str, seed: int, n_classes: int = 3, **kw: Any) -> Version:

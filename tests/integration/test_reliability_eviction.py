@@ -20,7 +20,6 @@ from server.embedded import EmbeddedServer
 pytestmark = pytest.mark.integration
 
 TASKS = ("A", "B", "C")
-BUDGET = 15_000  # one tiny residual is about 9.5 KB: room for one, never two
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,8 @@ def served(tmp_path_factory):
     versions = {t: rs.make_version(t, 30 + i) for i, t in enumerate(TASKS)}
     for task, v in versions.items():
         store.publish(task, v.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0, cache_bytes=BUDGET,
+    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0,
+                      cache_bytes=rs.cache_budget(1.5, *versions.values()),  # one fits, never two
                       admin_token=rs.ADMIN_TOKEN, max_batch=4)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         yield srv, http, versions
@@ -62,18 +62,19 @@ def test_a_batch_in_flight_survives_the_eviction_of_its_residual(served):
             lock.release()
     assert a.status_code == 200 and rs.matches(a, versions["A"], 1)
     assert b.status_code == 200 and rs.matches(b, versions["B"], 2)
-    assert srv.runtime.cache.bytes_used <= BUDGET
+    assert srv.runtime.cache.bytes_used <= srv.runtime.config.cache_bytes
 
 
 def test_mixed_traffic_with_a_one_entry_cache(served):
     srv, _, versions = served
+    budget = srv.runtime.config.cache_bytes
     over, stop = [], threading.Event()
 
     def sample():
         while not stop.is_set():
             used = srv.runtime.cache.bytes_used
             gauge = rs.metric(srv, "uda_residual_cache_bytes") or 0
-            if used > BUDGET or gauge > BUDGET or len(srv.runtime.cache) > 1:
+            if used > budget or gauge > budget or len(srv.runtime.cache) > 1:
                 over.append((used, gauge, len(srv.runtime.cache)))
 
     def client(i):

@@ -87,7 +87,8 @@ def test_restore_invariant_state_machine(tmp_path):
     store = open_store(url)
     pool = {(t, s): rs.make_version(t, 300 + 10 * i + s) for i, t in enumerate(TASKS) for s in SEEDS}
     cfg = ServeConfig(model=rs.MODEL, store=url, port=0, admin_token=rs.ADMIN_TOKEN,
-                      reconcile_interval=0.1, cache_bytes=15_000)  # one resident residual
+                      reconcile_interval=0.1,
+                      cache_bytes=rs.cache_budget(1.5, *pool.values()))  # one resident residual
     try:
         with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
             ServerMachine.ctx = {"http": http, "store": store, "redis": redis_srv.client(),

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from residual_store import BaseSpec, to_bytes
+from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
 from residual_store.stores import open_store
+from server.cache import cached_nbytes
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 from server.synthetic import image_bytes, random_residual, reference_scores
@@ -36,12 +38,14 @@ def published(tmp_path_factory, base):
     root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
     x = eval_transform(32)(Image.open(io.BytesIO(IMAGE)).convert("RGB"))[None]
-    expected = {}
+    expected, largest = {}, 0
+    layout = ParamLayout.of(base.visual)
     for i, task in enumerate(TASKS):
         r = random_residual(base, task, ["c0", "c1", "c2"], base_model="uda-tiny-vit", seed=40 + i)
         store.publish(task, to_bytes(r))
         expected[task] = reference_scores(base, r, x)[0]
-    return str(root), expected
+        largest = max(largest, cached_nbytes(r.to_flat(layout), r.build_head()))
+    return str(root), expected, largest
 
 
 def predict(client, task):
@@ -61,9 +65,8 @@ def entry_bytes(srv) -> int:
 
 
 def test_eviction_and_reload_under_a_tiny_cache(published):
-    root, expected = published
-    # about 9.5 KB per tiny residual: room for one and a half
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=15_000)
+    root, expected, largest = published
+    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=int(1.5 * largest))  # one fits
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         for task in TASKS * 3:
             check(predict(client, task), expected[task])
@@ -77,8 +80,8 @@ def test_eviction_and_reload_under_a_tiny_cache(published):
 
 
 def test_pinned_task_stays_resident(published):
-    root, expected = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=25_000, pin=("A",),
+    root, expected, largest = published
+    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=int(2.5 * largest), pin=("A",),
                       admin_token="pin-test-token")
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         tasks = {t["task"]: t for t in client.get("/tasks").json()["tasks"]}
@@ -111,7 +114,7 @@ def _wait_until(check, timeout=30.0):
 
 
 def test_full_queue_answers_429_with_retry_after(published):
-    root, expected = published
+    root, expected, _ = published
     cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, max_queue=3, max_batch=1)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         check(predict(client, "A"), expected["A"])
@@ -136,7 +139,7 @@ def test_full_queue_answers_429_with_retry_after(published):
 
 
 def test_request_timeout_answers_503(published):
-    root, _ = published
+    root, _, _ = published
     cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, request_timeout=0.5)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         assert predict(client, "B").status_code == 200
@@ -151,7 +154,7 @@ def test_request_timeout_answers_503(published):
 
 
 def test_cold_task_is_served_while_a_hot_task_floods(published):
-    root, expected = published
+    root, expected, _ = published
     cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, max_wait_ms=20, max_batch=4)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         check(predict(client, "D"), expected["D"])  # both resident before the flood
