@@ -22,18 +22,6 @@ pytestmark = pytest.mark.integration
 CLIENTS = 4
 
 
-@pytest.fixture(params=["redis", "directory"])
-def store_url(request, tmp_path):
-    if request.param == "directory":
-        yield str(tmp_path / "store")
-        return
-    client = rs.shared_redis_or_skip()
-    prefix = rs.unique_prefix()
-    yield f"{rs.SHARED_REDIS_URL}?prefix={prefix}"
-    rs.delete_prefix(client, prefix)
-    client.close()
-
-
 def test_publish_and_rollback_under_load(store_url):
     v1, v2 = rs.make_version("A", 1), rs.make_version("A", 2)
     store = open_store(store_url)

@@ -28,18 +28,6 @@ pytestmark = pytest.mark.integration
 PUBLISHERS, EACH = 3, 4
 
 
-@pytest.fixture(params=["redis", "directory"])
-def store_url(request, tmp_path):
-    if request.param == "directory":
-        yield str(tmp_path / "store")
-        return
-    client = rs.shared_redis_or_skip()
-    prefix = rs.unique_prefix()
-    yield f"{rs.SHARED_REDIS_URL}?prefix={prefix}"
-    rs.delete_prefix(client, prefix)
-    client.close()
-
-
 def test_racing_publishers_never_show_a_missing_blob_or_a_lower_version(store_url):
     pool = [rs.make_version("A", 200 + i) for i in range(PUBLISHERS * EACH)]
     published: dict[int, rs.Version] = {}

@@ -3,9 +3,7 @@ residual of another base, delete, and a store that goes away while tasks keep se
 from __future__ import annotations
 
 import io
-import os
 import time
-import uuid
 
 import httpx
 import pytest
@@ -21,7 +19,6 @@ from server.synthetic import image_bytes, random_residual, reference_scores
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = os.environ.get("UDA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IMAGE = image_bytes(5)
 CLASSES = ["p", "q", "r", "s"]
 
@@ -40,33 +37,6 @@ def versions(base):
         r = random_residual(base, "T", CLASSES, base_model="uda-tiny-vit", seed=seed)
         out.append((to_bytes(r), reference_scores(base, r, x)[0]))
     return out
-
-
-def _redis_or_skip():
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} does not answer: {e}")
-        pytest.skip(f"Redis at {REDIS_URL} does not answer ({e}); start one with `make redis`")
-    return client
-
-
-@pytest.fixture(params=["directory", "redis"])
-def store_url(request, tmp_path):
-    if request.param == "directory":
-        yield str(tmp_path / "store")
-        return
-    client = _redis_or_skip()
-    prefix = f"uda-test:{uuid.uuid4().hex}:"
-    yield f"{REDIS_URL}?prefix={prefix}"
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def predict(client: httpx.Client, task: str = "T") -> httpx.Response:

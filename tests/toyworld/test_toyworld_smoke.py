@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +16,8 @@ import pytest
 
 from bench.toyworld import run, teacher, world
 from residual_store.stores import open_store
-from server.embedded import free_port
+from server.config import ServeConfig
+from server.embedded import EmbeddedServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -104,42 +100,14 @@ def test_published_task_is_served(bench):
     assert tasks == {f"{TASK}-{m.replace('+', '-')}" + ("" if m == "zeroshot" else "-s0") for m in run.METHODS}
     task = f"{TASK}-cmkd-rst-s0"
     image = sorted((cfg.world_dir / "sketch" / "star").glob("*.png"))[0]
-    port = free_port()
-    script = shutil.which("uda-serve", path=os.path.dirname(sys.executable))
-    command = [script] if script else [sys.executable, "-m", "server.cli"]
-    proc = subprocess.Popen(
-        command + ["--model", str(teacher.MODEL_CONFIG), "--pretrained", str(cfg.teacher_path),
-                   "--store", str(store_dir), "--host", "127.0.0.1", "--port", str(port),
-                   "--device", "cpu", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url)
-        resp = httpx.post(f"{url}/predict", params={"task": task, "top_k": 3},
+    serve = ServeConfig(model=str(teacher.MODEL_CONFIG), pretrained=str(cfg.teacher_path),
+                        store=str(store_dir), port=0, device="cpu")
+    with EmbeddedServer(serve) as srv:
+        resp = httpx.post(f"{srv.url}/predict", params={"task": task, "top_k": 3},
                           files=[("file", (image.name, image.read_bytes(), "image/png"))], timeout=60)
-        assert resp.status_code == 200, resp.text
-        top = resp.json()["predictions"][0]["top_k"]
-        assert len(top) == 3 and top[0]["label"] in world.CLASSES
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "uda-serve did not become ready"
-        time.sleep(0.2)
+    assert resp.status_code == 200, resp.text
+    top = resp.json()["predictions"][0]["top_k"]
+    assert len(top) == 3 and top[0]["label"] in world.CLASSES
 
 
 def test_results_json_is_written(bench):
