@@ -76,7 +76,8 @@ class Residual:
             self.deltas.items(), key=lambda kv: layout[kv[0]].offset)]
         index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
         values = torch.cat(val) if val else torch.zeros(0, dtype=dtype)
-        return FlatResidual(index.to(flat_index_dtype(layout.numel), copy=False).to(device), values.to(device))
+        index = index.to(flat_index_dtype(layout.numel))
+        return FlatResidual(index.to(device), values.to(device))
 
     def build_head(self) -> torch.nn.Module:
         return build_head(self.head_type, self.head)

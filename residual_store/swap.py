@@ -27,7 +27,8 @@ def restore_residual(buffer: torch.Tensor, index: torch.Tensor, saved: torch.Ten
 
     Semantics: w[idx] = saved
     """
-    # index_copy_ takes int64 only; widening costs ~2% of the copy itself (bench/swap.py).
+    # index_copy_ takes int64 only; widening an int32 index is one sequential pass, cheap next
+    # to the random-access copy (the flat row of bench/swap.py includes it).
     buffer.index_copy_(0, index.long(), saved)
 
 

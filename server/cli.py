@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uda-serve: cannot start: {e}", file=sys.stderr)
         return 1
     _print_banner(runtime)
+
     class DrainingServer(uvicorn.Server):
         # uvicorn closes its listening socket only on its next tick; a request accepted in
         # between must be refused, and readiness must fail, from the moment the signal lands.
