@@ -3,7 +3,8 @@
 kustomize/kubectl are not installed where the tests run, so this models exactly the fields
 deploy/kubernetes uses (resources, namespace, labels, images, strategic-merge patches) and
 refuses any other field: a new kustomize feature in deploy/ fails the tests loudly instead of
-being silently ignored.
+being silently ignored. `set_image` is `kustomize edit set image NAME=NEWNAME:NEWTAG`, the one
+edit the README tells users to make.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "images", "patches"}
+# Fields of an `images:` entry modelled here (kustomize also knows `digest`).
+IMAGE_FIELDS = {"name", "newName", "newTag"}
 # Kinds that live outside namespaces (kustomize's `namespace:` leaves them alone).
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "PriorityClass", "IngressClass"}
@@ -92,7 +95,25 @@ def pod_spec(resource: dict[str, Any]) -> dict[str, Any] | None:
     return spec.get("template", {}).get("spec")
 
 
+def set_image(directory: Path, arg: str) -> None:
+    """`kustomize edit set image NAME=NEWNAME:NEWTAG` run in `directory`: the entry for NAME
+    is replaced (or added), entries stay sorted by name, as kustomize writes them."""
+    name, sep, new = arg.partition("=")
+    new_name, colon, new_tag = new.rpartition(":")
+    if not (sep and colon and name and new_name and new_tag) or "/" in new_tag or "@" in new:
+        raise ValueError(f"only `set image NAME=NEWNAME:NEWTAG` is modelled, not {arg!r}")
+    path = directory / "kustomization.yaml"
+    kust = yaml.safe_load(path.read_text())
+    images = {i["name"]: i for i in kust.get("images", [])}
+    images[name] = {"name": name, "newName": new_name, "newTag": new_tag}
+    kust["images"] = [images[n] for n in sorted(images)]
+    path.write_text(yaml.safe_dump(kust, sort_keys=False))
+
+
 def _apply_images(resource: dict[str, Any], images: list[dict[str, str]]) -> None:
+    unknown = {f for image in images for f in image} - IMAGE_FIELDS
+    if unknown:
+        raise ValueError(f"images: {sorted(unknown)} not modelled by tests/ops/kustomize_lite.py")
     spec = pod_spec(resource)
     if not spec:
         return

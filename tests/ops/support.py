@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKER = ROOT / "docker"
 KUSTOMIZE = DEPLOY / "kubernetes"
+# What users apply (kubectl apply -k): one overlay per image flavour over the shared base.
+OVERLAYS = ("overlays/cpu", "overlays/gpu")
 RULES = DEPLOY / "prometheus" / "rules" / "uda-alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 

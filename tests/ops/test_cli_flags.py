@@ -16,7 +16,7 @@ from server import cli as serve_cli
 from trainer import cli as train_cli
 
 from .kustomize_lite import load_documents, pod_spec, render
-from .support import DOCKER, KUSTOMIZE
+from .support import DOCKER, KUSTOMIZE, OVERLAYS
 
 
 def env_example() -> dict[str, str]:
@@ -57,7 +57,7 @@ def check_train(argv: list[str]) -> None:
 
 
 def serve_containers():
-    for layer in ("base", "overlays/gpu"):
+    for layer in OVERLAYS:
         deploy = next(r for r in render(KUSTOMIZE / layer) if r["kind"] == "Deployment")
         yield layer, pod_spec(deploy)["containers"][0]
 

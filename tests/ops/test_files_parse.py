@@ -18,6 +18,7 @@ def test_the_operations_tree_has_its_files():
     names = {p.relative_to(ROOT).as_posix() for p in FILES}
     for expected in ("docker/compose.yaml", "docker/prometheus.yml",
                      "deploy/kubernetes/base/kustomization.yaml",
+                     "deploy/kubernetes/overlays/cpu/kustomization.yaml",
                      "deploy/kubernetes/overlays/gpu/kustomization.yaml",
                      "deploy/prometheus/rules/uda-alerts.yaml", "deploy/grafana/dashboard.json"):
         assert expected in names

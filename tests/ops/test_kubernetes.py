@@ -1,4 +1,4 @@
-"""deploy/kubernetes: the base and the gpu overlay, rendered, against the Kubernetes schemas.
+"""deploy/kubernetes: the cpu and gpu overlays, rendered, against the Kubernetes schemas.
 
 kubectl/kustomize are not installed where the tests run: kustomize_lite renders the
 kustomizations (the subset deploy/ uses) and kubernetes-validate checks each resource offline
@@ -6,14 +6,16 @@ against the strict (no unknown fields) OpenAPI schemas it ships.
 """
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from .kustomize_lite import load_documents, pod_spec, render
-from .support import KUSTOMIZE
+from .kustomize_lite import load_documents, pod_spec, render, set_image
+from .support import KUSTOMIZE, OVERLAYS, ROOT
 
 # The oldest Kubernetes minor the manifests promise to fit, and the newest the package knows.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -42,8 +44,7 @@ def resource_id(r: dict) -> str:
     return f"{r['kind']}/{r['metadata'].get('name') or r['metadata'].get('generateName')}"
 
 
-CASES = [(f"{layer}:{resource_id(r)}", r)
-         for layer in ("base", "overlays/gpu") for r in rendered(layer)]
+CASES = [(f"{layer}:{resource_id(r)}", r) for layer in OVERLAYS for r in rendered(layer)]
 CASES += [(f"jobs/{p.name}:{resource_id(r)}", r) for p in JOB_TEMPLATES for r in load_documents(p)]
 
 
@@ -133,16 +134,73 @@ def test_only_server_and_trainer_reach_redis():
     assert pod_spec_labels(by_kind(resources, "StatefulSet", "redis"))[component] not in allowed
 
 
-def test_gpu_overlay_adds_the_gpu_and_the_cuda_image():
-    base = container(by_kind(rendered("base"), "Deployment", "uda-serve"), "uda-serve")
+def test_gpu_overlay_adds_the_gpu():
+    cpu = container(by_kind(rendered("overlays/cpu"), "Deployment", "uda-serve"), "uda-serve")
     gpu = container(by_kind(rendered("overlays/gpu"), "Deployment", "uda-serve"), "uda-serve")
-    assert base["image"].endswith("-cpu") and gpu["image"].endswith("-cuda")
-    assert "nvidia.com/gpu" not in base["resources"].get("limits", {})
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert env(base)["UDA_DEVICE"] == "cpu" and env(gpu)["UDA_DEVICE"] == "cuda"
+    assert env(cpu)["UDA_DEVICE"] == "cpu" and env(gpu)["UDA_DEVICE"] == "cuda"
     # The patch only changes what it names: probes and the Redis credentials survive.
-    assert gpu["readinessProbe"] == base["readinessProbe"]
-    assert env(gpu)["REDIS_PASSWORD"] == env(base)["REDIS_PASSWORD"]
+    assert gpu["readinessProbe"] == cpu["readinessProbe"]
+    assert env(gpu)["REDIS_PASSWORD"] == env(cpu)["REDIS_PASSWORD"]
+
+
+# -- images: each flavour sets its own ------------------------------------------------------------
+
+def serve_image(tree: Path, layer: str) -> str:
+    return container(by_kind(render(tree / layer), "Deployment", "uda-serve"), "uda-serve")["image"]
+
+
+def readme_deploy_commands() -> list[str]:
+    """The shell lines of the README's Deploy section (code blocks only, comments dropped)."""
+    section = ROOT.joinpath("README.md").read_text().split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", section, re.S | re.M)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_base_leaves_the_image_to_the_overlays():
+    assert "images" not in yaml.safe_load((KUSTOMIZE / "base" / "kustomization.yaml").read_text())
+    assert serve_image(KUSTOMIZE, "base") == "vlp-uda"
+    assert serve_image(KUSTOMIZE, "overlays/cpu") == "vlp-uda:0.1.0-cpu"
+    assert serve_image(KUSTOMIZE, "overlays/gpu") == "vlp-uda:0.1.0-cuda"
+
+
+def test_readme_image_steps_give_each_overlay_its_own_build(tmp_path):
+    """Run the README's docker and kustomize lines (on a copy of deploy/kubernetes): every
+    overlay the README applies runs an image the README pushed, built for its flavour."""
+    lines = readme_deploy_commands()
+    flavour_of = {}  # pushed image -> FLAVOR it was built with
+    for line in lines:
+        if m := re.fullmatch(r"docker build -f docker/Dockerfile (?:--build-arg FLAVOR=(\w+) )?"
+                             r"-t (\S+) \. && docker push (\S+)", line):
+            assert m.group(2) == m.group(3), line
+            flavour_of[m.group(3)] = m.group(1) or "cpu"
+    assert sorted(flavour_of.values()) == ["cpu", "cuda"], "the README builds and pushes both images"
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUSTOMIZE, tree)
+    edits = [m.groups() for line in lines
+             if (m := re.fullmatch(r"\(cd deploy/kubernetes/(\S+) && kustomize edit set image (\S+)\)", line))]
+    assert sorted(layer for layer, _ in edits) == sorted(OVERLAYS)
+    for layer, arg in edits:
+        set_image(tree / layer, arg)
+    applied = [m.group(1) for line in lines if (m := re.fullmatch(r"kubectl apply -k deploy/kubernetes/(\S+)", line))]
+    assert sorted(applied) == sorted(OVERLAYS)
+    for layer in applied:
+        image = serve_image(tree, layer)
+        assert image in flavour_of, f"{layer} runs {image}, which the README never pushed"
+        assert flavour_of[image] == ("cuda" if layer.endswith("gpu") else "cpu"), (layer, image)
+        assert image.endswith("-" + flavour_of[image])
+
+
+def test_set_image_replaces_only_its_entry(tmp_path):
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUSTOMIZE, tree)
+    set_image(tree / "overlays" / "gpu", "vlp-uda=registry.example:5000/team/vlp-uda:0.2.0-cuda")
+    assert serve_image(tree, "overlays/gpu") == "registry.example:5000/team/vlp-uda:0.2.0-cuda"
+    assert serve_image(tree, "overlays/cpu") == "vlp-uda:0.1.0-cpu"
+    with pytest.raises(ValueError, match="NEWNAME:NEWTAG"):
+        set_image(tree / "overlays" / "gpu", "vlp-uda=registry.example:5000/vlp-uda")
 
 
 def test_train_job_runs_torchrun_and_publishes_with_the_trainer_user():
@@ -159,7 +217,7 @@ def test_train_job_runs_torchrun_and_publishes_with_the_trainer_user():
 
 
 def test_pods_run_as_non_root():
-    for layer in ("base", "overlays/gpu"):
+    for layer in OVERLAYS:
         for r in rendered(layer):
             spec = pod_spec(r)
             if spec:
@@ -178,4 +236,10 @@ def test_validation_is_strict():
 def test_kustomize_lite_refuses_what_it_does_not_model(tmp_path: Path):
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [], "replicas": []}))
     with pytest.raises(ValueError, match="replicas"):
+        render(tmp_path)
+    shutil.copy(KUSTOMIZE / "base" / "serve-deployment.yaml", tmp_path)
+    digest = {"name": "vlp-uda", "digest": "sha256:" + "0" * 64}
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"resources": ["serve-deployment.yaml"], "images": [digest]}))
+    with pytest.raises(ValueError, match="digest"):
         render(tmp_path)
