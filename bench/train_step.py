@@ -4,7 +4,7 @@
     python -m bench.train_step --quick    # uda-tiny-vit only, seconds
 
 Each configuration runs in its own process (peak RSS is per process), builds the real Trainer
-on a generated image world and times `Trainer._step` (forward of 8 source + 8 target images,
+on a generated image world and times `Trainer.train_step` (forward of 8 source + 8 target images,
 CMKD losses, backward, SGD, and for RST the mask step) on fixed pre-loaded batches, so data
 loading is not measured. Reported: median step time, median time of the RST mask step alone,
 peak resident memory, and the with/without-RST ratio.
@@ -48,7 +48,7 @@ def measure(model: str, rst: bool, batch: int, warmup: int, steps: int) -> dict:
         step_times, mask_times = [], []
         for i in range(warmup + steps):
             started = time.perf_counter()
-            trainer._step((source, target))
+            trainer.train_step((source, target))
             elapsed = time.perf_counter() - started
             if i >= warmup:
                 step_times.append(elapsed)

@@ -261,7 +261,7 @@ class Trainer:
                    initial=0, disable=None if self.is_main else True, leave=True)
         losses: dict[str, float] = {}
         for n, batches in enumerate(bar, start=1):
-            losses = self._step(batches)
+            losses = self.train_step(batches)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v / n:.4f}" for k, v in sums.items()}, refresh=False)
@@ -273,7 +273,10 @@ class Trainer:
         bar.close()
         return losses
 
-    def _step(self, batches) -> dict[str, float]:
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimiser step (forward, losses, backward, SGD, scheduler, RST) on loaded batches:
+        `batches[0]` = (source images, labels), and for cmkd `batches[1]` = the target views
+        (weak, then strong with --fixmatch). Returns the step's losses, lr and ramp value."""
         cfg = self.cfg
         lam = ramp(self.step, cfg.ramp_steps, cfg.gamma)
         lrs = [g["lr"] for g in self.optimizer.param_groups]
