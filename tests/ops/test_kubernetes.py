@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -61,6 +62,7 @@ def test_resource_matches_the_kubernetes_schema(resource, version):
 def test_base_has_the_fleet():
     kinds = {(r["kind"], r["metadata"]["name"]) for r in rendered("base")}
     assert {("Deployment", "uda-serve"), ("Service", "uda-serve"), ("Ingress", "uda-serve"),
+            ("Service", "uda-serve-v2"), ("Ingress", "uda-serve-v2"),
             ("PodDisruptionBudget", "uda-serve"), ("HorizontalPodAutoscaler", "uda-serve"),
             ("StatefulSet", "redis"), ("Service", "redis"), ("Secret", "uda-redis"),
             ("NetworkPolicy", "redis-clients")} <= kinds
@@ -111,10 +113,96 @@ def pod_spec_labels(workload: dict) -> dict:
     return workload["spec"]["template"]["metadata"]["labels"]
 
 
+# -- routing: ingress-nginx's choice of Ingress and hash key, for the subset deploy/ uses ------------
+
+HASH_BY = "nginx.ingress.kubernetes.io/upstream-hash-by"
+
+
+def route(ingresses: list[dict], target: str) -> tuple[dict, dict]:
+    """(Ingress, path entry) ingress-nginx picks for `target`: the longest matching Prefix path
+    over every Ingress of the (single, host-less) server."""
+    path = urlsplit(target).path
+    candidates = []
+    for ing in ingresses:
+        (rule,) = ing["spec"]["rules"]
+        assert "host" not in rule, "route() models host-less rules only"
+        for entry in rule["http"]["paths"]:
+            assert entry["pathType"] == "Prefix", "route() models Prefix paths only"
+            prefix = entry["path"].rstrip("/")
+            if path == prefix or path.startswith(prefix + "/"):
+                candidates.append((len(prefix), ing, entry))
+    assert candidates, f"no Ingress path serves {target}"
+    _, ing, entry = max(candidates, key=lambda c: c[0])
+    return ing, entry
+
+
+def nginx_value(expression: str, target: str) -> str:
+    """An upstream-hash-by value for a request to `target` (nginx variables $arg_NAME, $uri)."""
+    parts = urlsplit(target)
+    args = dict(parse_qsl(parts.query))
+
+    def variable(m: re.Match) -> str:
+        name = m.group(1)
+        if name == "uri":
+            return parts.path
+        if name.startswith("arg_"):
+            return args.get(name[4:], "")
+        raise AssertionError(f"nginx_value does not model ${name}")
+    return re.sub(r"\$(\w+)", variable, expression)
+
+
+def upstream_and_key(ingresses: list[dict], target: str) -> tuple[str, str]:
+    """(Service the request goes to, its consistent-hash key)."""
+    ing, entry = route(ingresses, target)
+    return entry["backend"]["service"]["name"], nginx_value(ing["metadata"]["annotations"][HASH_BY], target)
+
+
 def test_ingress_routes_by_task_with_consistent_hashing():
-    ingress = by_kind(rendered("base"), "Ingress", "uda-serve")
-    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$arg_task"
-    assert ingress["spec"]["ingressClassName"] == "nginx"
+    ingresses = [r for r in rendered("base") if r["kind"] == "Ingress"]
+    main = by_kind(ingresses, "Ingress", "uda-serve")
+    assert main["metadata"]["annotations"][HASH_BY] == "$arg_task"
+    assert all(ing["spec"]["ingressClassName"] == "nginx" for ing in ingresses)
+    seen = {}
+    for task in ("Ar2Cl", "Pr2Rw"):
+        keys = {upstream_and_key(ingresses, t) for t in (f"/predict?task={task}",
+                                                         f"/predict?top_k=3&task={task}")}
+        (predict,) = keys  # the same replica whatever else the query says
+        (infer,) = {upstream_and_key(ingresses, f"/v2/models/{task}/infer")}
+        assert predict[1] and infer[1], f"{task}: an empty hash key sends every task to one replica"
+        seen[task] = (predict, infer)
+    assert seen["Ar2Cl"][0] != seen["Pr2Rw"][0] and seen["Ar2Cl"][1] != seen["Pr2Rw"][1]
+    assert upstream_and_key(ingresses, "/predict?task=Ar2Cl")[0] == "uda-serve"
+    assert upstream_and_key(ingresses, "/v2/models/Ar2Cl/infer")[0] == "uda-serve-v2"
+
+
+def test_each_hash_key_has_its_own_service():
+    """ingress-nginx builds one upstream per Service and port, with the hash key of whichever
+    Ingress names it first: two keys on one Service would silently become one."""
+    resources = rendered("base")
+    ingresses = [r for r in resources if r["kind"] == "Ingress"]
+    keys_by_service: dict[tuple, set[str]] = {}
+    for ing in ingresses:
+        for entry in ing["spec"]["rules"][0]["http"]["paths"]:
+            backend = entry["backend"]["service"]
+            keys_by_service.setdefault((backend["name"], backend["port"]["name"]), set()).add(
+                ing["metadata"]["annotations"][HASH_BY])
+    assert all(len(keys) == 1 for keys in keys_by_service.values()), keys_by_service
+    pods = pod_spec_labels(by_kind(resources, "Deployment", "uda-serve"))
+    http = container(by_kind(resources, "Deployment", "uda-serve"), "uda-serve")["ports"][0]["name"]
+    for name, port in keys_by_service:
+        spec = by_kind(resources, "Service", name)["spec"]
+        assert spec["selector"].items() <= pods.items(), name
+        assert {p["name"]: p["targetPort"] for p in spec["ports"]}[port] == http, name
+    # Only the hash key differs: body size, timeouts and retries are the same for both APIs.
+    others = [{k: v for k, v in ing["metadata"]["annotations"].items() if k != HASH_BY} for ing in ingresses]
+    assert all(o == others[0] for o in others), others
+
+
+def test_ingress_retries_a_503_predict_on_the_next_replica():
+    for ing in (r for r in rendered("base") if r["kind"] == "Ingress"):
+        retry = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-next-upstream"].split()
+        # nginx never retries a POST (all of /predict and /infer) without non_idempotent.
+        assert {"error", "timeout", "http_503", "non_idempotent"} <= set(retry), ing["metadata"]["name"]
 
 
 def test_only_server_and_trainer_reach_redis():
