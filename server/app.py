@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 # (and fuzzers) see it; a name outside it is a 422 before any lookup.
 TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _TASK_DOC = "published task name (1-64 of A-Z a-z 0-9 _ . -, first a letter or digit)"
+_STORE_DOC = ("required: 503 while the residual store is unreachable; optional: store problems "
+              "are only reported (for a fleet's readiness probe: cached tasks keep serving)")
 
 
 class ErrorBody(BaseModel):
@@ -155,15 +158,17 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def healthz():
         return {"status": "alive", **runtime.describe()}
 
-    @app.get("/readyz", responses=_errors(503))
-    async def readyz():
-        problems = runtime.readiness()
+    @app.get("/readyz", responses=_errors(422, 503))
+    async def readyz(store: Literal["required", "optional"] = Query("required", description=_STORE_DOC)):
+        problems = runtime.readiness(require_store=store == "required")
+        store_problems = runtime.store_problems()
         if problems:
             return JSONResponse({"error": "not ready", "detail": "; ".join(problems),
-                                 **runtime.describe()}, status_code=503)
+                                 "store_problems": store_problems, **runtime.describe()},
+                                status_code=503)
         tasks = runtime.catalog.tasks()
-        return {"status": "ready", "tasks": len(tasks),
-                "problems": runtime.startup_problems, **runtime.describe()}
+        return {"status": "ready", "tasks": len(tasks), "problems": runtime.startup_problems,
+                "store_problems": store_problems, **runtime.describe()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

@@ -119,8 +119,13 @@ class ServeRuntime:
 
     # -- health ----------------------------------------------------------------------------------
 
-    def readiness(self) -> list[str]:
-        """What keeps the server from being ready; empty when it is."""
+    def readiness(self, require_store: bool = True) -> list[str]:
+        """What keeps the server from being ready; empty when it is.
+
+        With `require_store=False` only this process's own state counts (base, model thread,
+        shutdown): cached tasks keep serving while the store is away, so a fleet-wide probe
+        must not take every replica out of service for one Redis outage.
+        """
         problems = []
         if not self.started or not self.engine.ready:
             problems.append("base model not loaded yet")
@@ -128,11 +133,15 @@ class ServeRuntime:
             problems.append("shutting down")
         elif self.worker is not None and not self.worker.alive:
             problems.append("model thread stopped")
-        if self.catalog is not None and self.catalog.store_error:
-            problems.append(self.catalog.store_error)
-        if self.catalog is not None and self.catalog.store_warning:
-            problems.append(self.catalog.store_warning)
+        if require_store:
+            problems += self.store_problems()
         return problems
+
+    def store_problems(self) -> list[str]:
+        """What is wrong with the residual store (unreachable, tasks gone); empty when fine."""
+        if self.catalog is None:
+            return []
+        return [p for p in (self.catalog.store_error, self.catalog.store_warning) if p]
 
     def describe(self) -> dict[str, Any]:
         """Base and store identity for /healthz and /readyz."""

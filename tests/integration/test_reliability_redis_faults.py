@@ -126,3 +126,34 @@ def test_redis_down_for_a_while(redis_srv):
         resp = rs.wait_for("a publish after the outage", lambda: (r := rs.predict(http, "Hot")).json()["version"] == info.version and r)
         assert rs.matches(resp, new)
     store.close()
+
+
+def test_readiness_probe_can_leave_the_store_out(redis_srv):
+    """/readyz?store=optional (the Kubernetes readiness probe) stays 200 through a Redis outage,
+    so cached tasks keep their replicas in the Service; /readyz still says 503. Problems of the
+    process itself fail both."""
+    hot = rs.make_version("Hot", 21)
+    url, embedded = _server(redis_srv)
+    store = open_store(url)
+    store.publish("Hot", hot.blob)
+    with embedded as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        optional = http.get("/readyz", params={"store": "optional"})
+        assert optional.status_code == 200 and optional.json()["store_problems"] == []
+        assert http.get("/readyz", params={"store": "required"}).status_code == 200
+        assert rs.matches(rs.predict(http, "Hot"), hot)  # now resident
+        redis_srv.stop()
+        down = rs.wait_for("readyz says the store is down", lambda: (
+            r := http.get("/readyz")).status_code == 503 and r)
+        assert "unreachable" in down.json()["detail"]
+        optional = http.get("/readyz", params={"store": "optional"})
+        assert optional.status_code == 200, optional.text
+        assert optional.json()["status"] == "ready"
+        assert any("unreachable" in p for p in optional.json()["store_problems"])
+        assert rs.matches(rs.predict(http, "Hot"), hot)  # what the probe keeps in the Service
+        bad = http.get("/readyz", params={"store": "sometimes"})
+        assert bad.status_code == 422 and bad.json()["error"] and "store" in bad.json()["detail"]
+        srv.runtime.begin_drain()  # what SIGTERM does first
+        draining = http.get("/readyz", params={"store": "optional"})
+        assert draining.status_code == 503 and "shutting down" in draining.json()["detail"]
+        assert any("unreachable" in p for p in draining.json()["store_problems"])
+    store.close()

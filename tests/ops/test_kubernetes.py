@@ -72,7 +72,9 @@ def test_base_has_the_fleet():
 def test_serve_probes_and_drain():
     deploy = by_kind(rendered("base"), "Deployment", "uda-serve")
     c = container(deploy, "uda-serve")
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # A Redis outage must not empty the Service (tests/integration/test_reliability_redis_faults.py
+    # shows /readyz?store=optional staying ready through one).
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz?store=optional"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
