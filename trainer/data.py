@@ -1,8 +1,10 @@
 """Image folders of the two domains, their transforms, and deterministic step-indexed sampling.
 
 Layout: ImageFolder, `DOMAIN/<class>/<image>`; classes are the sorted class-folder names and
-must be the same in both domains. Every file is checked once up front: a file Pillow cannot
-read is skipped with one warning and counted in the report, so an epoch never crashes on it.
+must be the same in both domains. Every file is decoded once up front: a file Pillow cannot
+read is skipped with one warning and counted in the report. A file that breaks after the scan
+is skipped the same way when training or evaluation reaches it (reported by the loader to the
+main process, which warns once and counts it), so neither an epoch nor the evaluation crashes.
 
 Sampling is a pure function of (seed, domain, step): the images and augmentation seeds of step
 t do not depend on what ran before, so `--resume` reproduces an uninterrupted run exactly and
@@ -19,13 +21,17 @@ import dataclasses
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
+from residual_store.errors import one_line
 from residual_store.preprocess import CLIP_MEAN, CLIP_STD, eval_transform
 from trainer.errors import DataError
 
@@ -78,25 +84,29 @@ def check_same_classes(source: list[str], target: list[str]) -> None:
                     f"only in target {only_t}")
 
 
-def scan_domain(root: Path, classes: list[str], role: str) -> Domain:
-    """Read every file once: keep the images Pillow can open, skip the rest with a warning."""
-    files, labels, digests, skipped = [], [], [], []
+def scan_domain(root: Path, classes: list[str], role: str, workers: int = 0) -> Domain:
+    """Decode every file once: keep the images Pillow can read, skip the rest with a warning.
+
+    Decoding is the slow part of a scan; Pillow releases the GIL while it decodes, so up to
+    `workers` threads share it.
+    """
+    candidates = []
     for label, cls in enumerate(classes):
         for path in sorted(p for p in (root / cls).rglob("*") if p.is_file()):
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue  # .DS_Store, ._foo.jpg and friends are not data
-            try:
-                data = path.read_bytes()
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()
-            except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
-                reason = " ".join(str(e).split()) or type(e).__name__
+            candidates.append((path, label))
+    files, labels, digests, skipped = [], [], [], []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checks = pool.map(_check_image, [path for path, _ in candidates])
+        for (path, label), (digest, reason) in zip(candidates, checks):
+            if reason is not None:
                 logger.warning("skipping unreadable %s image %s: %s", role, path, reason)
                 skipped.append(Skipped(str(path), reason))
                 continue
             files.append(path)
             labels.append(label)
-            digests.append(hashlib.sha256(data).hexdigest())
+            digests.append(digest)
     if not files:
         raise DataError(f"{role} domain folder {str(root)!r} has no readable images "
                         f"({len(skipped)} unreadable files skipped)")
@@ -107,11 +117,24 @@ def scan_domain(root: Path, classes: list[str], role: str) -> Domain:
     return Domain(root, classes, files, labels, digests, skipped)
 
 
-def load_domains(source_dir: Path, target_dir: Path) -> tuple[Domain, Domain]:
+def _check_image(path: Path) -> tuple[str | None, str | None]:
+    """(sha256 of the file, None) when Pillow decodes it completely, else (None, why not)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # checksums decoding does not look at (PNG chunk CRCs)
+        _load(io.BytesIO(data))  # a truncated JPEG passes verify() and fails only here
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
+        return None, one_line(e)
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def load_domains(source_dir: Path, target_dir: Path, workers: int = 0) -> tuple[Domain, Domain]:
     s_classes = class_folders(source_dir, "source")
     t_classes = class_folders(target_dir, "target")
     check_same_classes(s_classes, t_classes)
-    return scan_domain(source_dir, s_classes, "source"), scan_domain(target_dir, t_classes, "target")
+    return (scan_domain(source_dir, s_classes, "source", workers),
+            scan_domain(target_dir, t_classes, "target", workers))
 
 
 def display_names(classes: list[str], classes_file: Path | None) -> list[str]:
@@ -158,8 +181,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
+def _load(source: Path | io.BytesIO) -> Image.Image:
+    with Image.open(source) as im:
         return im.convert("RGB")  # a loaded copy, so the file can close
 
 
@@ -167,20 +190,23 @@ def _load(path: Path) -> Image.Image:
 
 class TrainImages(Dataset):
     """Training views of a list of files. Indexed by (file index, augmentation seed), so the
-    random crop/flip of a sample is fixed by its seed, whatever process loads it."""
+    random crop/flip of a sample is fixed by its seed, whatever process loads it.
+
+    An item is `(views..., label), unreadable`: label only for the source domain, and
+    `unreadable` the Skipped records of files that failed on the way (see `_read`).
+    """
 
     def __init__(self, files: list[Path], labels: list[int] | None, views: list[transforms.Compose]):
         self.files = files
         self.labels = labels  # None for the target domain: it carries no labels at all
         self.views = views
-        self._warned: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        image = self._read(index)
+        index, image, unreadable = self._read(index)
         out = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -188,24 +214,28 @@ class TrainImages(Dataset):
                 out.append(view(image))
         if self.labels is not None:
             out.append(self.labels[index])
-        return tuple(out)
+        return tuple(out), unreadable
 
-    def _read(self, index: int) -> Image.Image:
-        # The up-front scan verified every file; one that broke since is replaced by its
-        # neighbour (deterministically) rather than crashing the epoch.
+    def _read(self, index: int) -> tuple[int, Image.Image, list[Skipped]]:
+        """(index of the file read, its image, the files that failed before it)."""
+        # A file that broke after the up-front scan is replaced by the next readable one, so
+        # the batch keeps its size and stays the same on a rerun. A worker process cannot
+        # count it in the report: it goes back with the item (see readable_batches).
+        unreadable = []
         for k in range(len(self.files)):
-            path = self.files[(index + k) % len(self.files)]
+            i = (index + k) % len(self.files)
+            path = self.files[i]
             try:
-                return _load(path)
+                return i, _load(path), unreadable
             except Exception as e:  # PIL raises many types
-                if path not in self._warned:  # once per file, not once per epoch
-                    self._warned.add(path)
-                    logger.warning("skipping unreadable image %s: %s", path, e)
-        raise DataError("no image of the domain is readable any more")
+                unreadable.append(Skipped(str(path), one_line(e)))
+        raise DataError(f"none of the {len(self.files)} images of the domain is readable any more "
+                        f"(first: {unreadable[0].path}: {unreadable[0].reason})")
 
 
 class EvalImages(Dataset):
-    """Labelled evaluation images with the shared evaluation transform."""
+    """Labelled evaluation images with the shared evaluation transform. An item is
+    `(image, label), []`, or `None, [Skipped]` for a file that broke after the scan."""
 
     def __init__(self, domain: Domain, size: int):
         self.domain = domain
@@ -215,7 +245,34 @@ class EvalImages(Dataset):
         return len(self.domain.files)
 
     def __getitem__(self, index: int):
-        return self.transform(_load(self.domain.files[index])), self.domain.labels[index]
+        path = self.domain.files[index]
+        try:
+            image = _load(path)
+        except Exception as e:  # PIL raises many types
+            return None, [Skipped(str(path), one_line(e))]
+        return (self.transform(image), self.domain.labels[index]), []
+
+
+def collate_readable(items: list[tuple]) -> tuple[Any, list[Skipped]]:
+    """(default_collate of the readable samples or None if there are none, the Skipped records)."""
+    unreadable = [s for _, found in items for s in found]
+    readable = [sample for sample, _ in items if sample is not None]
+    return (default_collate(readable) if readable else None), unreadable
+
+
+def readable_batches(loader: DataLoader, skipped: list[Skipped]) -> Iterator[Any]:
+    """The loader's batches without unreadable files. Each file that failed is appended to
+    `skipped` (the run's report) with one warning, however often it is sampled."""
+    for batch, found in loader:
+        if found:
+            known = {s.path for s in skipped}
+            for s in found:
+                if s.path not in known:
+                    known.add(s.path)
+                    skipped.append(s)
+                    logger.warning("skipping unreadable image %s: %s", s.path, s.reason)
+        if batch is not None:
+            yield batch
 
 
 def target_training_order(domain: Domain) -> list[Path]:
@@ -270,10 +327,12 @@ class StepSampler:
 
 
 def step_loader(dataset: Dataset, sampler: StepSampler, workers: int, pin: bool) -> DataLoader:
+    """Batches `(samples, unreadable)`: read them through readable_batches."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=collate_readable)
 
 
 def eval_loader(domain: Domain, size: int, batch: int, workers: int) -> DataLoader:
+    """Batches `((images, labels) or None, unreadable)`: read them through readable_batches."""
     return DataLoader(EvalImages(domain, size), batch_size=batch, shuffle=False,
-                      num_workers=workers)
+                      num_workers=workers, collate_fn=collate_readable)

@@ -78,8 +78,13 @@ def validated_bytes(residual: Residual, trainer: Trainer) -> bytes:
 
 @torch.no_grad()
 def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: int,
-                      device: torch.device, batch_size: int = 64, workers: int = 0) -> Evaluation:
-    """Load the exported residual onto a freshly built base and predict every target image."""
+                      device: torch.device, batch_size: int = 64, workers: int = 0,
+                      skipped: list[data.Skipped] | None = None) -> Evaluation:
+    """Load the exported residual onto a freshly built base and predict every target image.
+
+    An image that cannot be read any more is left out and appended to `skipped` (the run's
+    list, so a file that already failed in training is not reported twice).
+    """
     started = time.perf_counter()
     model = spec.build(device)
     visual = model.visual.float()
@@ -90,9 +95,12 @@ def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: in
     apply_residual(flat.buffer, residual.to_flat(flat.layout, flat.buffer.dtype, device))
     head = residual.build_head().to(device)
     logits, labels = [], []
-    for x, y in data.eval_loader(domain, size, batch_size, workers):
+    loader = data.eval_loader(domain, size, batch_size, workers)
+    for x, y in data.readable_batches(loader, [] if skipped is None else skipped):
         logits.append(head(visual(x.to(device))).float().cpu())
         labels.append(y)
+    if not logits:  # every target image broke after the scan: accuracy is nan, not a crash
+        logits, labels = [torch.empty(0, len(residual.classes))], [torch.empty(0, dtype=torch.long)]
     return Evaluation(torch.cat(logits), torch.cat(labels), time.perf_counter() - started)
 
 
@@ -123,7 +131,8 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
     write_atomic(artifact, validated_bytes(residual, trainer))
     logger.info("residual written to %s: %d changed encoder weights", artifact, residual.nnz)
     evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.target,
-                                   trainer.input_size, trainer.device, cfg.eval_batch_size, cfg.workers)
+                                   trainer.input_size, trainer.device, cfg.eval_batch_size, cfg.workers,
+                                   trainer.skipped)
     encoder_params = trainer.flat.layout.numel
     metrics = {
         "target_accuracy": evaluation.accuracy,

@@ -109,8 +109,9 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         src_dir, tgt_dir = cfg.domain_dirs()
-        self.source, self.target = data.load_domains(src_dir, tgt_dir)
+        self.source, self.target = data.load_domains(src_dir, tgt_dir, cfg.workers)
         self.class_names = data.display_names(self.source.classes, cfg.classes_file)
+        # the scan's, and then any file that fails later in training or evaluation
         self.skipped = self.source.skipped + self.target.skipped
         self.target_train_files = data.target_training_order(self.target)
         logger.info("source %s: %d images, target %s: %d images, %d classes, %d files skipped",
@@ -257,7 +258,8 @@ class Trainer:
         self.ddp_net.train()
         loaders = self._loaders(start, end)
         sums: dict[str, float] = {}
-        bar = tqdm(zip(*loaders), total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        batches = zip(*(data.readable_batches(loader, self.skipped) for loader in loaders))
+        bar = tqdm(batches, total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    initial=0, disable=None if self.is_main else True, leave=True)
         losses: dict[str, float] = {}
         for n, batches in enumerate(bar, start=1):
@@ -320,9 +322,11 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, loader) -> torch.Tensor:
-        """Task-head logits of the in-memory model (eval mode) for every batch of `loader`."""
+        """Task-head logits of the in-memory model (eval mode) for every readable image of
+        `loader` (an eval_loader); files that fail are added to the run's skipped files."""
         self.net.eval()
-        out = [self.net(x.to(self.device))[0].float().cpu() for x, _ in loader]
+        out = [self.net(x.to(self.device))[0].float().cpu()
+               for x, _ in data.readable_batches(loader, self.skipped)]
         return torch.cat(out)
 
     def target_eval_loader(self):

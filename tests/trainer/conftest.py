@@ -2,10 +2,12 @@
 `uda-train` main() with fast settings (tiny models, a few steps, no worker processes)."""
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from trainer import cli
 from trainer.demo import make_shapes_world
@@ -43,3 +45,19 @@ def train(world):
         return cli.main(argv)
 
     return run
+
+
+@pytest.fixture
+def truncated_jpeg():
+    """write(path, like=png): the first 60% of a JPEG of `like`. Pillow's verify() accepts it;
+    only decoding finds the missing data."""
+
+    def write(path: Path, like: Path) -> Path:
+        buf = io.BytesIO()
+        Image.open(like).convert("RGB").resize((64, 64)).save(buf, "JPEG", quality=95)
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
+        with Image.open(path) as im:
+            im.verify()  # so a scan that only verifies would keep it
+        return path
+
+    return write

@@ -31,17 +31,48 @@ def test_class_mismatch_lists_every_difference(world_copy):
     assert "only in target ['hexagon', 'rectangle']" in msg
 
 
-def test_unreadable_files_are_skipped_and_counted(world_copy, caplog):
+@pytest.mark.parametrize("workers", [0, 3])
+def test_unreadable_files_are_skipped_and_counted(world_copy, caplog, truncated_jpeg, workers):
     folder = world_copy["sketch"] / "circle"
     (folder / "notes.txt").write_text("not an image")
-    good = sorted(folder.glob("*.png"))[0].read_bytes()
+    png = sorted(folder.glob("*.png"))[0]
+    good = png.read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    truncated_jpeg(folder / "truncated.jpg", like=png)
     (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored, not counted
-    _, target = data.load_domains(world_copy["photo"], world_copy["sketch"])
-    assert sorted(s.path.rsplit("/", 1)[1] for s in target.skipped) == ["notes.txt", "truncated.png"]
-    assert len(target.files) == 15
-    warnings = [r for r in caplog.records if "skipping unreadable" in r.getMessage()]
-    assert len(warnings) == 2
+    _, target = data.load_domains(world_copy["photo"], world_copy["sketch"], workers)
+    assert sorted(s.path.rsplit("/", 1)[1] for s in target.skipped) == [
+        "notes.txt", "truncated.jpg", "truncated.png"]
+    assert len(target.files) == 15 and len(target.digests) == 15
+    assert target.files == sorted(target.files)  # threads do not change the order
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warnings) == 3
+    assert any("truncated.jpg" in w and "truncated" in w.split("truncated.jpg", 1)[1] for w in warnings)
+
+
+def test_files_that_break_after_the_scan_are_skipped_and_reported_once(world_copy, caplog):
+    """Training substitutes the next readable image (the batch keeps its size) and evaluation
+    leaves the image out; either way the file joins the run's skipped list with one warning,
+    also when a worker process hit it."""
+    source, _ = data.load_domains(world_copy["photo"], world_copy["sketch"])
+    last_circle = source.labels.index(1) - 1  # its neighbour is the first square
+    broken = source.files[last_circle]
+    broken.write_bytes(broken.read_bytes()[:50])
+    skipped: list[data.Skipped] = []
+    train = data.TrainImages(source.files, source.labels, [data.train_transform(32)])
+    steps = [[(last_circle, 1), (0, 2)], [(last_circle, 3), (1, 4)]]  # the broken file twice
+    loader = data.step_loader(train, steps, workers=1, pin=False)
+    batches = list(data.readable_batches(loader, skipped))
+    assert [images.shape[0] for images, _ in batches] == [2, 2]  # substituted, not dropped
+    assert batches[0][1].tolist() == [1, 0]  # the substitute's label, not the broken file's
+    assert [s.path for s in skipped] == [str(broken)]
+
+    evaluated = list(data.readable_batches(data.eval_loader(source, 32, 4, workers=1), skipped))
+    labels = torch.cat([y for _, y in evaluated])
+    assert len(labels) == 14 and labels.tolist() == source.labels[:last_circle] + source.labels[last_circle + 1:]
+    assert [s.path for s in skipped] == [str(broken)]  # still counted once
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and str(broken) in warnings[0]
 
 
 def test_display_names_from_classes_file(tmp_path):
@@ -68,9 +99,9 @@ def test_sampler_is_a_function_of_the_step_and_covers_small_domains():
 def test_training_views_depend_only_on_the_seed(world):
     source, _ = data.load_domains(world["photo"], world["sketch"])
     ds = data.TrainImages(source.files, source.labels, [data.train_transform(32)])
-    a, la = ds[(2, 123)]
-    b, lb = ds[(2, 123)]
-    assert a.shape == (3, 32, 32) and torch.equal(a, b) and la == lb
+    (a, la), unreadable = ds[(2, 123)]
+    (b, lb), _ = ds[(2, 123)]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and la == lb and unreadable == []
 
 
 def test_target_training_order_ignores_class_folders(world_copy):
@@ -85,4 +116,5 @@ def test_target_training_order_ignores_class_folders(world_copy):
     label_of = lambda d: {p.name: y for p, y in zip(d.files, d.labels)}  # noqa: E731
     assert label_of(after) != label_of(before)  # the evaluation labels did change
     ds = data.TrainImages(data.target_training_order(after), None, [data.train_transform(32)])
-    assert len(ds[(0, 1)]) == 1  # the target training set carries no label
+    sample, _ = ds[(0, 1)]
+    assert len(sample) == 1  # the target training set carries no label

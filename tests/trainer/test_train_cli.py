@@ -10,7 +10,7 @@ import torch
 
 from residual_store import BaseSpec, FlatParams, check_compatible, fingerprint, from_bytes
 from residual_store.stores import open_store
-from trainer import cli
+from trainer import cli, data
 from trainer.config import TrainConfig
 from trainer.export import ARTIFACT, evaluate_artifact, export
 from trainer.loop import Trainer
@@ -145,13 +145,37 @@ def test_other_methods_train(train, tmp_path, extra):
         assert "task" not in lines[0]
 
 
-def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path):
+def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path, truncated_jpeg):
     (world_copy["sketch"] / "circle" / "notes.txt").write_text("hello")
     (world_copy["photo"] / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    truncated_jpeg(world_copy["sketch"] / "square" / "cut.jpg", like=world_copy["sketch"] / "square" / "square_000.png")
     assert train(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["metrics"]["skipped_files"] == 2
-    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.jpg", "notes.txt"]
+    assert report["metrics"]["skipped_files"] == 3 and report["metrics"]["target_images"] == 15
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.jpg", "cut.jpg", "notes.txt"]
+
+
+def test_files_that_break_after_the_scan_are_skipped_and_counted(world_copy, tmp_path, truncated_jpeg,
+                                                                 caplog):
+    """Truncated between the scan and their first read (one worker process loads them): training
+    and the final evaluation go on, and the report names each file once."""
+    cfg = TrainConfig(source=world_copy["photo"], target=world_copy["sketch"], model="uda-tiny-vit",
+                      pretrained=None, epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-3,
+                      head_lr_mult=10, workers=1, device="cpu", workdir=tmp_path / "run")
+    cfg.validate()
+    trainer = Trainer(cfg)
+    trainer.setup()
+    first = {role: data.StepSampler(len(files), 4, cfg.seed, role, 0, 1).batch_at(0)[0][0]
+             for role, files in ((data.SOURCE, trainer.source.files), (data.TARGET, trainer.target_train_files))}
+    broken = [trainer.source.files[first[data.SOURCE]], trainer.target_train_files[first[data.TARGET]]]
+    for path in broken:  # read in the first step; the target one again in the evaluation
+        truncated_jpeg(path, like=path)
+    result = trainer.train()
+    report = export(trainer, result, wall_start=0.0).report
+    assert sorted(s["path"] for s in report["skipped"]) == sorted(map(str, broken))
+    assert report["metrics"]["skipped_files"] == 2 and report["metrics"]["target_images"] == 14
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert sorted(w.split()[3].rstrip(":") for w in warnings) == sorted(map(str, broken))
 
 
 def test_domain_smaller_than_a_batch(train, world_copy, tmp_path):
