@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -20,6 +21,13 @@ RULES = DEPLOY / "prometheus" / "rules" / "uda-alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 
 T = TypeVar("T")
+
+
+def k8s_expand(container: dict) -> list[str]:
+    """A container's command + args with $(VAR) expanded from its env, as the kubelet does."""
+    env = {e["name"]: e.get("value", "from-a-secret") for e in container.get("env", [])}
+    words = container.get("command", []) + container.get("args", [])
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], w) for w in words]
 
 
 def in_ci() -> bool:

@@ -16,7 +16,7 @@ from server import cli as serve_cli
 from trainer import cli as train_cli
 
 from .kustomize_lite import load_documents, pod_spec, render
-from .support import DOCKER, KUSTOMIZE, OVERLAYS
+from .support import DOCKER, KUSTOMIZE, OVERLAYS, k8s_expand
 
 
 def env_example() -> dict[str, str]:
@@ -34,12 +34,6 @@ def compose_expand(word: str) -> str:
         assert op == ":-", f"{name} has no default and is not in env.example"
         return arg
     return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:[-?])([^}]*))?\}", sub, word)
-
-
-def k8s_expand(container: dict) -> list[str]:
-    env = {e["name"]: e.get("value", "from-a-secret") for e in container.get("env", [])}
-    words = container.get("command", []) + container.get("args", [])
-    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], w) for w in words]
 
 
 def check_serve(argv: list[str]) -> None:

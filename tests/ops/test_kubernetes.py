@@ -16,11 +16,16 @@ import pytest
 import yaml
 
 from .kustomize_lite import load_documents, pod_spec, render, set_image
-from .support import KUSTOMIZE, OVERLAYS, ROOT
+from trainer.export import ARTIFACT
+
+from .support import KUSTOMIZE, OVERLAYS, ROOT, k8s_expand
 
 # The oldest Kubernetes minor the manifests promise to fit, and the newest the package knows.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-JOB_TEMPLATES = sorted((KUSTOMIZE / "jobs").glob("*.yaml"))
+JOB_FILES = sorted((KUSTOMIZE / "jobs").glob("*.yaml"))
+JOB_TEMPLATES = [p for p in JOB_FILES if load_documents(p)[0]["kind"] == "Job"]
+# Claims deploy/ mounts but does not create: the datasets, which only the cluster's owner knows.
+USER_CLAIMS = {"uda-datasets"}
 
 
 def rendered(name: str) -> list[dict]:
@@ -46,7 +51,7 @@ def resource_id(r: dict) -> str:
 
 
 CASES = [(f"{layer}:{resource_id(r)}", r) for layer in OVERLAYS for r in rendered(layer)]
-CASES += [(f"jobs/{p.name}:{resource_id(r)}", r) for p in JOB_TEMPLATES for r in load_documents(p)]
+CASES += [(f"jobs/{p.name}:{resource_id(r)}", r) for p in JOB_FILES for r in load_documents(p)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -304,6 +309,62 @@ def test_train_job_runs_torchrun_and_publishes_with_the_trainer_user():
     assert values["UDA_STORE"].startswith("redis://uda-train@")
     assert values["REDIS_PASSWORD"]["secretKeyRef"]["key"] == "train-password"
     assert "--publish=$(UDA_STORE)" in c["args"]
+
+
+def job(name: str) -> dict:
+    (doc,) = load_documents(KUSTOMIZE / "jobs" / name)
+    return doc
+
+
+def volume_at(resource: dict, c: dict, path: str) -> tuple[dict, dict, str]:
+    """(volume, its mount, path inside the volume) of a file `path` in container `c`."""
+    mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in pod_spec(resource)["volumes"] if v["name"] == mount["name"]]
+    return volume, mount, path[len(mount["mountPath"]):].lstrip("/")
+
+
+def test_publish_job_reads_what_the_train_job_wrote():
+    """The residual travels on the train Job's PersistentVolumeClaim: a ConfigMap holds 1 MiB
+    and a ViT-B-16 residual is 0.7-3.3 MiB."""
+    train, publish = job("train-job.yaml"), job("publish-job.yaml")
+    workdir = next(a for a in k8s_expand(container(train, "uda-train")) if a.startswith("--workdir="))
+    written = f"{workdir.split('=', 1)[1]}/{ARTIFACT}"
+    argv = k8s_expand(container(publish, "uda-store"))
+    (read,) = [a for a in argv[2:] if not a.startswith("--")]
+    train_volume, _, train_rel = volume_at(train, container(train, "uda-train"), written)
+    publish_volume, publish_mount, publish_rel = volume_at(publish, container(publish, "uda-store"), read)
+    claim = train_volume["persistentVolumeClaim"]["claimName"]
+    assert publish_volume["persistentVolumeClaim"]["claimName"] == claim
+    assert publish_rel == train_rel  # the same file on the same claim
+    assert publish_mount["readOnly"] is True
+    defined = {d["metadata"]["name"] for p in JOB_FILES for d in load_documents(p)
+               if d["kind"] == "PersistentVolumeClaim"}
+    assert claim in defined, f"{claim} is mounted but no file in jobs/ creates it"
+
+
+def test_volumes_and_mounts_agree():
+    """Every mount names a volume of its pod, every volume is mounted, a read-only claim is
+    mounted read-only, and every claim is created in deploy/ (or is the user's datasets)."""
+    pods = [(f"{layer}:{resource_id(r)}", r) for layer in OVERLAYS for r in rendered(layer)]
+    pods += [(p.name, d) for p in JOB_TEMPLATES for d in load_documents(p)]
+    claims = {d["metadata"]["name"] for p in JOB_FILES for d in load_documents(p)
+              if d["kind"] == "PersistentVolumeClaim"} | USER_CLAIMS
+    for where, r in pods:
+        spec = pod_spec(r)
+        if not spec:
+            continue
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        templates = {t["metadata"]["name"] for t in r["spec"].get("volumeClaimTemplates", [])}
+        mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])]
+        assert {m["name"] for m in mounts} <= set(volumes) | templates, where
+        assert set(volumes) <= {m["name"] for m in mounts}, f"{where}: a volume nothing mounts"
+        for m in mounts:
+            pvc = volumes.get(m["name"], {}).get("persistentVolumeClaim")
+            if pvc:
+                assert pvc["claimName"] in claims, f"{where}: claim {pvc['claimName']} is never created"
+                if pvc.get("readOnly"):
+                    assert m.get("readOnly") is True, f"{where}: {m['name']} mounted writable"
 
 
 def test_pods_run_as_non_root():
