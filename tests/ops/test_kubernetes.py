@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from .kustomize_lite import load_documents, pod_spec, render, set_image
+from .netpol_lite import Pod, allowed, selects
 from trainer.export import ARTIFACT
 
 from .support import KUSTOMIZE, OVERLAYS, ROOT, k8s_expand
@@ -212,21 +213,51 @@ def test_ingress_retries_a_503_predict_on_the_next_replica():
         assert {"error", "timeout", "http_503", "non_idempotent"} <= set(retry), ing["metadata"]["name"]
 
 
-def test_only_server_and_trainer_reach_redis():
-    resources = rendered("base")
-    policy = by_kind(resources, "NetworkPolicy", "redis-clients")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_spec_labels(by_kind(resources, "StatefulSet", "redis")).items()
-    (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
-    (expr,) = peer["podSelector"]["matchExpressions"]
-    allowed = set(expr["values"]) if expr["operator"] == "In" else set()
-    component = "app.kubernetes.io/component"
-    assert expr["key"] == component
-    assert pod_spec_labels(by_kind(resources, "Deployment", "uda-serve"))[component] in allowed
-    for job in JOB_TEMPLATES:
-        (doc,) = load_documents(job)
-        assert doc["spec"]["template"]["metadata"]["labels"][component] in allowed, job.name
-    assert pod_spec_labels(by_kind(resources, "StatefulSet", "redis"))[component] not in allowed
+# -- NetworkPolicies, evaluated by netpol_lite on the rendered pods -------------------------------
+
+def pod_of(resource: dict) -> Pod:
+    spec = resource["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for c in spec["spec"]["containers"]
+             for p in c.get("ports", []) if "name" in p}
+    return Pod(resource["metadata"].get("namespace", "uda"), spec["metadata"]["labels"], ports)
+
+
+def test_network_policies_admit_exactly_the_intended_clients():
+    resources = rendered("overlays/cpu")
+    policies = [r for r in resources if r["kind"] == "NetworkPolicy"]
+    serve_deploy = by_kind(resources, "Deployment", "uda-serve")
+    serve, redis = pod_of(serve_deploy), pod_of(by_kind(resources, "StatefulSet", "redis"))
+    http = serve.ports["http"]
+    scrape_port = int(serve_deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    redis_port = redis.ports["redis"]
+    ingress_nginx = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    stranger = Pod("default", {"app": "other"})
+    debug = Pod("uda", {"run": "debug"})  # a smoke-test or debugging pod in the namespace
+    trainers = [pod_of(job(p.name)) for p in JOB_TEMPLATES]
+    expected = [
+        (ingress_nginx, serve, http, True), (prometheus, serve, scrape_port, True),
+        (debug, serve, http, True), (stranger, serve, http, False),
+        (ingress_nginx, serve, http + 1, False),
+        (serve, redis, redis_port, True), *[(t, redis, redis_port, True) for t in trainers],
+        (ingress_nginx, redis, redis_port, False), (prometheus, redis, redis_port, False),
+        (debug, redis, redis_port, False), (stranger, redis, redis_port, False),
+        (serve, redis, redis_port + 1, False),
+    ]
+    got = [(src, dst, port, allowed(policies, src, dst, port)) for src, dst, port, _ in expected]
+    assert got == expected
+    # Both policies select their pods (and only them): nothing else in the namespace is isolated.
+    for policy in policies:
+        selected = [n for n, pod in (("uda-serve", serve), ("redis", redis))
+                    if selects(policy["spec"]["podSelector"], pod.labels)]
+        assert selected == [policy["metadata"]["labels"]["app.kubernetes.io/name"]], policy["metadata"]["name"]
+
+
+def test_netpol_lite_refuses_what_it_does_not_model():
+    policy = {"metadata": {"namespace": "uda"}, "spec": {"podSelector": {}, "ingress": [
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}]}}
+    with pytest.raises(ValueError, match="ipBlock"):
+        allowed([policy], Pod("uda", {}), Pod("uda", {}), 80)
 
 
 def test_gpu_overlay_adds_the_gpu():

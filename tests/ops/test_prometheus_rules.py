@@ -4,9 +4,15 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
-from .support import DEPLOY, DOCKER, RULES
+from server.app import create_app
+from server.config import ServeConfig
+
+from .kustomize_lite import pod_spec, render
+from .relabel_lite import pod_targets, relabel, scrape_url
+from .support import DEPLOY, DOCKER, KUSTOMIZE, OVERLAYS, RULES
 
 UNIT_TESTS = Path(__file__).parent / "promtool" / "alerts_test.yaml"
 ALERTS = {"UdaTaskLatencyP99High", "UdaTaskErrorRatioHigh", "UdaResidualsRefused",
@@ -47,12 +53,55 @@ def test_compose_prometheus_config(prometheus_tools):
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
 
 
-def test_kubernetes_prometheus_config_scrapes_the_annotated_pods():
-    # Debian's promtool is built without Kubernetes service discovery, so check the shape here.
+def kubernetes_scrape_job() -> dict:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yaml").read_text())
-    (job,) = config["scrape_configs"]
-    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
-    relabel = {tuple(r["source_labels"]): r for r in job["relabel_configs"]}
-    assert relabel[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)]["action"] == "keep"
-    assert relabel[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)]["regex"] == "uda-serve"
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
+    (job,) = config["scrape_configs"]
+    (sd,) = job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod"
+    return job
+
+
+def scraped(job: dict, resources: list[dict], pod_ip: str = "10.1.2.3") -> list[tuple[dict, dict]]:
+    """(workload, target labels after relabeling) for every pod `job` would scrape."""
+    namespaces = job["kubernetes_sd_configs"][0]["namespaces"]["names"]
+    out = []
+    for r in resources:
+        if pod_spec(r) is None or r["metadata"]["namespace"] not in namespaces:
+            continue
+        for labels in pod_targets(r["spec"]["template"], f"{r['metadata']['name']}-0",
+                                  r["metadata"]["namespace"], pod_ip, job):
+            if (kept := relabel(labels, job["relabel_configs"])) is not None:
+                out.append((r, kept))
+    return out
+
+
+@pytest.mark.parametrize("layer", OVERLAYS)
+def test_kubernetes_scrape_job_finds_each_server_pod_at_its_metrics(layer, tmp_path):
+    # Debian's promtool is built without Kubernetes service discovery: discovery and
+    # relabeling are replayed by relabel_lite on the rendered pods instead.
+    resources = render(KUSTOMIZE / layer)
+    ((workload, target),) = scraped(kubernetes_scrape_job(), resources)  # not Redis, not twice
+    assert (workload["kind"], workload["metadata"]["name"]) == ("Deployment", "uda-serve")
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    (c,) = pod_spec(workload)["containers"]
+    (port,) = c["ports"]
+    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    assert f"--port={port['containerPort']}" in c["args"]  # where uda-serve listens
+    routes = {r.path for r in create_app(ServeConfig(store=str(tmp_path))).routes}
+    assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in routes
+    assert scrape_url(target) == f"http://10.1.2.3:{port['containerPort']}/metrics"
+    # The dashboard's $instance and the alerts' {{ $labels.instance }} name pods.
+    assert target["instance"] == "uda-serve-0" and target["namespace"] == "uda"
+
+
+def test_kubernetes_scrape_job_follows_the_annotations():
+    """The rules read the annotations (they would pass by luck if they ignored them)."""
+    job = kubernetes_scrape_job()
+    deploy = next(r for r in render(KUSTOMIZE / OVERLAYS[0]) if r["kind"] == "Deployment")
+    annotations = deploy["spec"]["template"]["metadata"]["annotations"]
+    annotations.update({"prometheus.io/port": "9100", "prometheus.io/path": "/custom"})
+    ((_, target),) = scraped(job, [deploy])
+    assert scrape_url(target) == "http://10.1.2.3:9100/custom"
+    annotations["prometheus.io/scrape"] = "false"
+    assert scraped(job, [deploy]) == []
