@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from residual_store.errors import InvalidTaskName
-from residual_store.stores.base import validate_task_name
+from residual_store.errors import InvalidTaskName, ResidualStoreError, one_line
+from residual_store.stores import open_store, validate_task_name
 from trainer.errors import ConfigError
 
 Method = Literal["cmkd", "baseline", "zeroshot"]
@@ -102,8 +102,10 @@ class TrainConfig:
             raise ConfigError(problems)
 
     def resolve_defaults(self, family: str) -> TrainConfig:
-        """A copy with lr, head_lr_mult and tau filled from the backbone family's defaults."""
-        defaults = FAMILY_DEFAULTS[family]
+        """A copy with lr, head_lr_mult and (with RST) tau filled from the family's defaults."""
+        defaults = dict(FAMILY_DEFAULTS[family])
+        if not self.rst:
+            del defaults["tau"]  # stays None: validate() refuses a tau without --rst
         return dataclasses.replace(self, **{k: v if getattr(self, k) is None else getattr(self, k)
                                             for k, v in defaults.items()})
 
@@ -138,10 +140,19 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     elif not (cfg.source is not None and cfg.target is not None):
         problems.append("--source DIR and --target DIR are required (or --data-root ROOT "
                         "--source-domain Art --target-domain Clipart)")
-    if "{}" not in cfg.prompt:
-        problems.append(f"--prompt {cfg.prompt!r} must contain '{{}}' where the class name goes")
+    try:  # what network.prompts does with it; "{kind}" or "{0} {1}" fail there, not here
+        cfg.prompt.format("x")
+    except (KeyError, IndexError, ValueError) as e:
+        problems.append(f"--prompt {cfg.prompt!r} is not a template with one '{{}}' for the class "
+                        f"name ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}, e.g. "
+                        "'a photo of a {}.'")
+    else:
+        if "{}" not in cfg.prompt:
+            problems.append(f"--prompt {cfg.prompt!r} must contain '{{}}' where the class name goes")
     if cfg.classes_file is not None and not Path(cfg.classes_file).is_file():
         problems.append(f"--classes {str(cfg.classes_file)!r} is not a readable file")
+    if cfg.publish is not None:
+        problems += _store_problems(cfg.publish)
     if not problems:
         try:  # the default name comes from the folder names, which may not be a legal name
             validate_task_name(cfg.task_name())
@@ -149,6 +160,15 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"--task: {e}" if cfg.task else f"{e} (derived from the domain "
                             "folder names: pass --task NAME)")
     return problems
+
+
+def _store_problems(url: str) -> list[str]:
+    """A --publish URL that open_store cannot parse is found now, not after the training."""
+    try:
+        open_store(url).close()  # parses the URL; contacts nothing
+    except (ValueError, ResidualStoreError) as e:
+        return [f"--publish: {one_line(e)}"]
+    return []
 
 
 def _number_problems(cfg: TrainConfig) -> list[str]:
@@ -200,6 +220,12 @@ def _choice_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"--fixmatch adds to the cmkd losses; it does not apply to --method {cfg.method}")
     if cfg.rst and cfg.method == "zeroshot":
         problems.append("--rst does nothing with --method zeroshot (nothing is trained)")
+    if cfg.tau is not None and not cfg.rst:
+        problems.append(f"--tau {cfg.tau!r} is the RST threshold: add --rst, or leave --tau out")
+    if cfg.method == "baseline" and cfg.batch_size == 1:
+        # cmkd puts source and target through the encoder together, so it has 2 images at least
+        problems.append("--batch-size 1 with --method baseline: the task head's BatchNorm needs "
+                        "at least 2 images per step; use --batch-size 2 or more")
     if cfg.resume and cfg.method == "zeroshot":
         problems.append("--resume does not apply to --method zeroshot (nothing is trained)")
     if cfg.stop_after is not None and cfg.stop_after > cfg.total_steps > 0:

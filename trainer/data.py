@@ -141,7 +141,12 @@ def display_names(classes: list[str], classes_file: Path | None) -> list[str]:
     """Class names shown to users and used in prompts: the folder names or --classes FILE."""
     if classes_file is None:
         return list(classes)
-    names = [line.strip() for line in Path(classes_file).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(classes_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--classes {str(classes_file)!r} is not UTF-8 text (byte {e.start}: "
+                        f"{e.reason}): save it as UTF-8, one name per line") from e
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != len(classes):
         raise DataError(f"--classes {str(classes_file)!r} has {len(names)} names for "
                         f"{len(classes)} class folders ({', '.join(classes[:5])}...): one name "

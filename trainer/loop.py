@@ -232,8 +232,7 @@ class Trainer:
         # A resumed run drops the lines of steps it will redo, so the log reads as one run.
         kept = []
         if self.step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= self.step]
         path.write_text("".join(line + "\n" for line in kept))
         return path.open("a")
 
@@ -338,6 +337,15 @@ class Trainer:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; inf (dropped on resume) for a line torn by a kill
+    mid-write: it is always the last one, of a step after the checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def _finite(x: float) -> bool:

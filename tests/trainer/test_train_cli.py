@@ -36,7 +36,7 @@ def test_cmkd_rst_trains_exports_and_publishes(train, tmp_path, model, capsys):
     store_dir = tmp_path / "store"
     assert train(tmp_path / "run", "--rst", "--publish", str(store_dir), "--task", "p2s", model=model) == 0
     out = capsys.readouterr().out
-    assert "published task p2s version 1" in out
+    assert f"published task p2s version 1 to file://{store_dir}\n" in out  # task, version, store
     lines = log_lines(tmp_path / "run")
     assert [line["step"] for line in lines] == [1, 2, 3]
     for line in lines:
@@ -187,16 +187,51 @@ def test_domain_smaller_than_a_batch(train, world_copy, tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["metrics"]["target_images"] == 3
 
 
+def assert_one_error_line(err: str, *needles: str) -> None:
+    assert err.startswith("uda-train: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
 @pytest.mark.parametrize("argv_extra, expected", [
-    (("--tau", "-1", "--batch-size", "0"), ["--tau -1.0", "--batch-size 0"]),
+    (("--rst", "--tau", "-1", "--batch-size", "0"), ["--tau -1.0", "--batch-size 0"]),
     (("--epochs", "0", "--lr", "-3"), ["--epochs 0", "--lr -3.0"]),
+    # found now, not after the whole training when the store is opened to publish
+    (("--publish", "http://x"), ["--publish: unsupported store URL scheme 'http'"]),
+    (("--prompt", "a {} of {kind}"), ["--prompt 'a {} of {kind}'", "KeyError"]),
+    (("--method", "baseline", "--batch-size", "1"), ["--batch-size 1 with --method baseline"]),
+    (("--tau", "1e-4"), ["--tau 0.0001 is the RST threshold: add --rst"]),
 ])
 def test_invalid_hyperparameters_fail_before_training(train, tmp_path, capsys, argv_extra, expected):
     assert train(tmp_path / "run", *argv_extra) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("uda-train: error: invalid configuration") and err.count("\n") == 1
-    assert all(e in err for e in expected)
+    assert_one_error_line(capsys.readouterr().err, "uda-train: error: invalid configuration", *expected)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_of_one_trains_with_cmkd(train, tmp_path):
+    """One source and one target image make two for the head's BatchNorm."""
+    assert train(tmp_path / "run", "--batch-size", "1") == 0
+    assert [line["step"] for line in log_lines(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_classes_file_that_is_not_utf8(train, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_bytes("Kreis\nQuadrat\nDreieck\n".encode("utf-16"))
+    assert train(tmp_path / "run", "--classes", str(names)) == 2
+    assert_one_error_line(capsys.readouterr().err, str(names), "is not UTF-8 text")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_drops_a_log_line_torn_by_a_kill(train, tmp_path, capsys):
+    assert train(tmp_path / "whole") == 0
+    assert train(tmp_path / "parts", "--stop-after", "2") == 0
+    with (tmp_path / "parts" / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 3, "epoch": 0, "cls": 1.0')  # killed while writing step 3's line
+    capsys.readouterr()
+    assert train(tmp_path / "parts", "--resume") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert log_lines(tmp_path / "parts") == log_lines(tmp_path / "whole")
 
 
 def test_bad_folders_are_one_line_errors(train, world_copy, tmp_path, capsys):

@@ -8,7 +8,7 @@ from trainer.errors import ConfigError
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    cfg = TrainConfig(source=tmp_path, target=tmp_path, batch_size=0, tau=-1e-6, epochs=-2,
+    cfg = TrainConfig(source=tmp_path, target=tmp_path, batch_size=0, rst=True, tau=-1e-6, epochs=-2,
                       lr=0.0, prompt="no placeholder", method="cmkd", fixmatch_threshold=2.0)
     with pytest.raises(ConfigError) as err:
         cfg.validate()
@@ -36,11 +36,14 @@ def test_cross_field_rules(tmp_path):
 
 
 def test_family_defaults_fill_only_unset_values(tmp_path):
-    cfg = TrainConfig(source=tmp_path, target=tmp_path, lr=1e-4)
+    cfg = TrainConfig(source=tmp_path, target=tmp_path, lr=1e-4, rst=True)
     vit = cfg.resolve_defaults("vit")
     assert (vit.lr, vit.head_lr_mult, vit.tau) == (1e-4, 1000.0, 1e-6)
-    rn = TrainConfig(source=tmp_path, target=tmp_path).resolve_defaults("resnet")
+    rn = TrainConfig(source=tmp_path, target=tmp_path, rst=True).resolve_defaults("resnet")
     assert (rn.lr, rn.head_lr_mult, rn.tau) == (3e-7, 10000.0, 1e-5)
+    plain = TrainConfig(source=tmp_path, target=tmp_path).resolve_defaults("vit")
+    assert plain.tau is None  # no RST, no threshold: the resolved config still validates
+    plain.validate()
     assert (cfg.epochs, cfg.iters_per_epoch, cfg.batch_size, cfg.seed) == (20, 500, 32, 42)
     assert cfg.ramp_steps == 10000
 
