@@ -3,6 +3,7 @@
     uda-train --source data/Art --target data/Clipart --model ViT-B-16 --pretrained openai \\
         --method cmkd --rst --workdir runs/Ar2Cl --publish redis://redis:6379/0 --task Ar2Cl
     uda-train --data-root data/office-home --source-domain Art --target-domain Clipart --rst
+    uda-train --data-root data/office31 --source-domain amazon --target-domain webcam --rst
     uda-train --source ... --target ... --method zeroshot --publish ./residuals --task Ar2Cl_zs
 
 Every flag is validated (and every problem listed at once) before anything trains; --dry-run
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=PROG, description="Adapt a CLIP image encoder to a target "
                                 "domain with CMKD (+ RST) and publish the residual.")
-    g = p.add_argument_group("data (ImageFolder layout DOMAIN/<class>/<image>)")
+    g = p.add_argument_group("data (ImageFolder layout DOMAIN/<class>/<image>, or Office-31's "
+                             "DOMAIN/images/<class>/<image>)")
     g.add_argument("--source", type=Path, help="labelled source domain folder")
     g.add_argument("--target", type=Path, help="unlabelled target domain folder (labels only evaluate)")
     g.add_argument("--data-root", type=Path, help="dataset root with one folder per domain")

@@ -1,7 +1,8 @@
 """Image folders of the two domains, their transforms, and deterministic step-indexed sampling.
 
 Layout: ImageFolder, `DOMAIN/<class>/<image>`; classes are the sorted class-folder names and
-must be the same in both domains. Every file is decoded once up front: a file Pillow cannot
+must be the same in both domains, two at least. A domain folder whose only entry is an
+`images` folder (Office-31: `amazon/images/<class>/...`) stands for that folder. Every file is decoded once up front: a file Pillow cannot
 read is skipped with one warning and counted in the report. A file that breaks after the scan
 is skipped the same way when training or evaluation reaches it (reported by the loader to the
 main process, which warns once and counts it), so neither an epoch nor the evaluation crashes.
@@ -61,17 +62,25 @@ class Domain:
     skipped: list[Skipped]
 
 
-def class_folders(root: Path, role: str) -> list[str]:
-    """Sorted class-folder names of a domain; DataError when missing or empty."""
+def class_folders(root: Path, role: str) -> tuple[Path, list[str]]:
+    """(folder holding the classes, sorted class-folder names) of a domain; DataError when it
+    is missing or has fewer than 2 classes."""
     if not root.exists():
         raise DataError(f"{role} domain folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise DataError(f"{role} domain {str(root)!r} is not a folder")
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].name == "images" and entries[0].is_dir():
+        root = entries[0]  # Office-31: DOMAIN/images/<class>/<image>
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{role} domain folder {str(root)!r} has no class folders: expected "
                         f"{root}/<class>/<image>")
-    return classes
+    if len(classes) < 2:
+        raise DataError(f"{role} domain folder {str(root)!r} has one class folder, {classes[0]!r}: "
+                        f"expected {root}/<class>/<image> with 2 classes or more (is {str(root)!r} "
+                        "a class folder rather than a domain?)")
+    return root, classes
 
 
 def check_same_classes(source: list[str], target: list[str]) -> None:
@@ -130,8 +139,8 @@ def _check_image(path: Path) -> tuple[str | None, str | None]:
 
 
 def load_domains(source_dir: Path, target_dir: Path, workers: int = 0) -> tuple[Domain, Domain]:
-    s_classes = class_folders(source_dir, "source")
-    t_classes = class_folders(target_dir, "target")
+    source_dir, s_classes = class_folders(source_dir, "source")
+    target_dir, t_classes = class_folders(target_dir, "target")
     check_same_classes(s_classes, t_classes)
     return (scan_domain(source_dir, s_classes, "source", workers),
             scan_domain(target_dir, t_classes, "target", workers))

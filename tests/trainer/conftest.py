@@ -36,13 +36,14 @@ def world_copy(world, tmp_path) -> dict[str, Path]:
 
 @pytest.fixture
 def train(world):
-    """train(workdir, *extra, model=..., source=..., target=...) -> main()'s exit code."""
+    """train(workdir, *extra, model=..., source=..., target=...) -> main()'s exit code.
+    `data=[...]` replaces the --source/--target flags (e.g. with --data-root ...)."""
 
     def run(workdir: Path, *extra: str, model: str = "uda-tiny-vit", source: Path | None = None,
-            target: Path | None = None) -> int:
-        argv = ["--source", str(source or world["photo"]), "--target", str(target or world["sketch"]),
-                "--model", model, *FAST, "--workdir", str(workdir), *extra]
-        return cli.main(argv)
+            target: Path | None = None, data: list[str] | None = None) -> int:
+        if data is None:
+            data = ["--source", str(source or world["photo"]), "--target", str(target or world["sketch"])]
+        return cli.main([*data, "--model", model, *FAST, "--workdir", str(workdir), *extra])
 
     return run
 

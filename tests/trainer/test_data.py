@@ -2,8 +2,10 @@
 sampling that is a pure function of (seed, domain, step) and blind to target class folders."""
 from __future__ import annotations
 
-import torch
+import shutil
+
 import pytest
+import torch
 
 from trainer import data
 from trainer.errors import DataError
@@ -18,6 +20,22 @@ def test_missing_and_empty_domains(tmp_path, world):
     (tmp_path / "hollow" / "circle").mkdir(parents=True)
     with pytest.raises(DataError, match="no readable images"):
         data.scan_domain(tmp_path / "hollow", ["circle"], "target")
+
+
+def test_one_class_is_refused_with_a_hint(world, tmp_path):
+    """One class would train a classifier that cannot be wrong (and learns nothing)."""
+    shutil.copytree(world["sketch"] / "circle", tmp_path / "one" / "circle")
+    with pytest.raises(DataError, match=r"has one class folder, 'circle'.*class folder rather than a domain"):
+        data.load_domains(world["photo"], tmp_path / "one")
+
+
+def test_office31_images_folder_is_descended(world, tmp_path):
+    for domain in ("photo", "sketch"):
+        shutil.copytree(world[domain], tmp_path / domain / "images")
+    source, target = data.load_domains(tmp_path / "photo", tmp_path / "sketch")
+    assert source.root == tmp_path / "photo" / "images"
+    assert source.classes == target.classes == ["circle", "square", "triangle"]
+    assert len(source.files) == len(target.files) == 15
 
 
 def test_class_mismatch_lists_every_difference(world_copy):

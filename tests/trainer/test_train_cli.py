@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,22 @@ def test_files_that_break_after_the_scan_are_skipped_and_counted(world_copy, tmp
     assert report["metrics"]["skipped_files"] == 2 and report["metrics"]["target_images"] == 14
     warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert sorted(w.split()[3].rstrip(":") for w in warnings) == sorted(map(str, broken))
+
+
+@pytest.mark.parametrize("layout", ["office-home", "office-31"])
+def test_data_root_layouts_train_end_to_end(train, world, tmp_path, capsys, layout):
+    """--data-root ROOT --source-domain/--target-domain, with ROOT/<domain>/<class>/... (Office-Home)
+    and ROOT/<domain>/images/<class>/... (Office-31)."""
+    below = "images" if layout == "office-31" else ""
+    for domain, folder in (("amazon", world["photo"]), ("webcam", world["sketch"])):
+        shutil.copytree(folder, tmp_path / "root" / domain / below)
+    flags = ["--data-root", str(tmp_path / "root"), "--source-domain", "amazon", "--target-domain", "webcam"]
+    assert train(tmp_path / "run", "--rst", data=flags) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["task"] == "amazon2webcam"
+    assert report["classes"] == ["circle", "square", "triangle"]
+    assert report["metrics"]["source_images"] == report["metrics"]["target_images"] == 15
+    assert "task amazon2webcam: target accuracy" in capsys.readouterr().out
 
 
 def test_domain_smaller_than_a_batch(train, world_copy, tmp_path):
