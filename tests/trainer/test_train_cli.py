@@ -12,6 +12,7 @@ import torch
 from residual_store import BaseSpec, FlatParams, check_compatible, fingerprint, from_bytes
 from residual_store.stores import open_store
 from trainer import cli, data
+from trainer.cmkd import ramp
 from trainer.config import TrainConfig
 from trainer.export import ARTIFACT, evaluate_artifact, export
 from trainer.loop import Trainer
@@ -43,7 +44,8 @@ def test_cmkd_rst_trains_exports_and_publishes(train, tmp_path, model, capsys):
     for line in lines:
         for key in ("cls", "task", "distill", "reg", "total", "lr", "head_lr", "ramp"):
             assert math.isfinite(line[key]), key
-    assert lines[0]["ramp"] == 0.0 and 0 < lines[2]["ramp"] < 0.5
+    # lam(t) with t = the steps done before this one and T_max = this run's 3 steps (not 10,000)
+    assert [line["ramp"] for line in lines] == [ramp(line["step"] - 1, 3) for line in lines]
     assert lines[1]["lr"] == pytest.approx(1e-3 * (1 + 3e-4) ** -0.75)
     assert lines[0]["head_lr"] == pytest.approx(1e-2)
 
@@ -62,6 +64,11 @@ def test_cmkd_rst_trains_exports_and_publishes(train, tmp_path, model, capsys):
     assert blob == (tmp_path / "run" / ARTIFACT).read_bytes()
     base = BaseSpec(model).build()
     check_compatible(from_bytes(blob), FlatParams(base.visual).layout, fingerprint(base.visual), 64)
+
+
+def test_ramp_max_steps_overrides_the_run_length(train, tmp_path):
+    assert train(tmp_path / "run", "--ramp-max-steps", "10000") == 0
+    assert [line["ramp"] for line in log_lines(tmp_path / "run")] == [ramp(t, 10000) for t in range(3)]
 
 
 def test_resume_gives_identical_weights(train, tmp_path, capsys):
