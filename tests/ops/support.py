@@ -1,15 +1,20 @@
 """Paths and small helpers shared by the tests/ops modules."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -21,6 +26,19 @@ RULES = DEPLOY / "prometheus" / "rules" / "uda-alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 
 T = TypeVar("T")
+
+
+def dashboard_targets() -> list[tuple[str, dict]]:
+    """('panel title / refId', target) for every query target of the dashboard's panels."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [(f"{p['title']} / {t['refId']}", t) for p in dash["panels"] if p["type"] != "row"
+            for t in p["targets"]]
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    """(alert or record name, PromQL) for every rule of deploy/prometheus/rules."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
 
 
 def k8s_expand(container: dict) -> list[str]:
@@ -65,3 +83,38 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0,
             return value
         time.sleep(interval)
     pytest.fail(f"gave up waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there a minute later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def live_process(what: str, argv: list[str], log: Path, ready_url: str,
+                 env: dict[str, str] | None = None, timeout: float = 240) -> Iterator[subprocess.Popen]:
+    """`argv` running with its output in `log`, yielded once GET `ready_url` answers 200, and
+    stopped on the way out; fails with the log's tail if it exits first."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def ready():
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_tail(log)}")
+        return True if httpx.get(ready_url, timeout=5).status_code == 200 else None
+
+    try:
+        wait_for(f"{what} {ready_url}", ready, timeout=timeout)
+        yield proc
+    finally:
+        stop(proc)

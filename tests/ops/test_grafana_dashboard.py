@@ -1,12 +1,16 @@
-"""deploy/grafana: the dashboard's structure and the provisioning (evaluated live elsewhere)."""
+"""deploy/grafana: the dashboard's structure, the shape of its PromQL (and the rules'), the
+provisioning. test_live_prometheus.py evaluates the same queries on a real Prometheus.
+"""
 from __future__ import annotations
 
 import configparser
 import json
+import re
 
+import pytest
 import yaml
 
-from .support import DASHBOARD, DEPLOY
+from .support import DASHBOARD, DEPLOY, dashboard_targets, rule_expressions
 
 REQUIRED_PANELS = ("Latency p50 / p95 / p99 per task", "Request rate per task", "Error rate per task",
                    "Top tasks by traffic", "Batch size", "Swap time", "Residual load time",
@@ -67,3 +71,92 @@ def test_provisioning_points_at_the_dashboard_and_prometheus():
     compose = yaml.safe_load((DEPLOY.parent / "docker" / "compose.yaml").read_text())
     mount = next(v for v in compose["services"]["grafana"]["volumes"] if "dashboard.json" in v)
     assert mount.split(":")[1].startswith(provider["options"]["path"] + "/")
+
+
+# -- PromQL shapes that evaluate fine and still show nonsense ------------------------------------
+
+# histogram_quantile's second argument, the one form the dashboard and the rules use:
+# sum by (LABELS) (rate(NAME{MATCHERS}[RANGE])), with `le` among LABELS and NAME a *_bucket.
+_QUANTILE_INPUT = re.compile(r"\s*sum\s+by\s*\(([\w\s,]*)\)\s*\(\s*rate\(\s*([a-zA-Z_:][\w:]*)"
+                             r"(?:\{[^{}]*\})?\[[^\]]+\]\s*\)\s*\)\s*")
+_COUNTER_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
+
+
+def call_arguments(expr: str, function: str) -> list[list[str]]:
+    """The top-level arguments of every `function(...)` call in `expr`."""
+    calls = []
+    for m in re.finditer(rf"\b{function}\(", expr):
+        args, depth, start, quoted = [], 0, m.end(), False
+        for i in range(m.end(), len(expr)):
+            ch = expr[i]
+            if ch == '"' and expr[i - 1] != "\\":
+                quoted = not quoted
+            elif quoted:
+                continue
+            elif ch in "([{":
+                depth += 1
+            elif ch in ")]}" and depth:
+                depth -= 1
+            elif ch == ")" or (ch == "," and not depth):
+                args.append(expr[start:i].strip())
+                start = i + 1
+                if ch == ")":
+                    break
+        calls.append(args)
+    return calls
+
+
+def quantile_problems(expr: str) -> list[str]:
+    problems = []
+    for args in call_arguments(expr, "histogram_quantile"):
+        m = _QUANTILE_INPUT.fullmatch(args[1]) if len(args) == 2 else None
+        if not m:
+            problems.append(f"not sum by (..., le) (rate(NAME_bucket[...])): {args}")
+        elif "le" not in {label.strip() for label in m.group(1).split(",")}:
+            problems.append(f"`le` missing from the by clause: {args[1]}")
+        elif not m.group(2).endswith("_bucket"):
+            problems.append(f"{m.group(2)} is not a histogram's _bucket series")
+    return problems
+
+
+def raw_counters(expr: str) -> list[str]:
+    """Counter series (and histogram parts) used other than directly inside rate/irate/increase."""
+    found = []
+    for m in re.finditer(r"\b(uda_\w+)", expr):
+        if not m.group(1).endswith(_COUNTER_SUFFIXES):
+            continue
+        depth, i = 0, m.start() - 1
+        while i >= 0 and not (expr[i] == "(" and depth == 0):
+            depth += {")": 1, "(": -1}.get(expr[i], 0)
+            i -= 1
+        function = re.search(r"(\w*)\s*$", expr[:max(i, 0)]).group(1)
+        if function not in {"rate", "irate", "increase"}:
+            found.append(m.group(1))
+    return found
+
+
+def test_histogram_quantiles_read_bucket_rates_by_le():
+    queries = [(w, t["expr"]) for w, t in dashboard_targets()] + rule_expressions()
+    assert any("histogram_quantile(" in q for _, q in queries)
+    problems = [f"{where}: {p}" for where, q in queries for p in quantile_problems(q)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("expr,problem", [
+    ("histogram_quantile(0.9, sum by (le) (rate(uda_x_bucket[5m])))", None),
+    ('histogram_quantile(0.9, sum by (task, le) (rate(uda_x_bucket{a=~"b,c"}[5m])))', None),
+    ("histogram_quantile(0.9, sum by (task) (rate(uda_x_bucket[5m])))", "`le` missing"),
+    ("histogram_quantile(0.9, sum by (le) (rate(uda_x_count[5m])))", "not a histogram"),
+    ("histogram_quantile(0.9, uda_x_bucket)", "not sum by"),
+])
+def test_quantile_check_tells_good_from_bad(expr, problem):
+    found = quantile_problems(expr)
+    assert (found == []) if problem is None else (len(found) == 1 and problem in found[0]), found
+
+
+def test_counters_are_plotted_as_rates_or_increases():
+    """A counter's raw value only says how long a replica has run (and drops at each restart)."""
+    raw = [f"{where}: {name}" for where, t in dashboard_targets() for name in raw_counters(t["expr"])]
+    assert not raw, "\n".join(raw)
+    assert raw_counters("sum by (reason) (uda_residuals_refused_total)") == ["uda_residuals_refused_total"]
+    assert raw_counters("sum(increase(uda_residuals_refused_total[1h]))") == []

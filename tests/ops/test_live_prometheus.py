@@ -3,17 +3,20 @@
 A directory store gets two tiny tasks (and one residual for a foreign base, which the server
 must refuse); `uda-serve` serves it on a free port; Prometheus (Debian's package, installed
 by scripts/ensure-prometheus.sh when missing) scrapes it every second with the project's
-alert rules loaded; the test sends traffic to both tasks and then evaluates every dashboard
-query and every rule expression through Prometheus' HTTP API.
+alert rules loaded; the test sends traffic to both tasks (good images and one the server
+refuses) and then evaluates every dashboard query and every rule expression through
+Prometheus' HTTP API, at the moment the traffic ended: each must succeed, and each panel must
+show data, with the labels its legend names, for both tasks.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import re
-import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -23,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from residual_store.stores import open_store
 
-from .support import DASHBOARD, RULES, free_port, wait_for
+from .support import (DASHBOARD, RULES, dashboard_targets, free_port, live_process,
+                      rule_expressions, wait_for)
 from .tiny_tasks import MODEL, residual_blob
 
 pytestmark = pytest.mark.integration
@@ -35,6 +39,8 @@ GRAFANA_VARS = {"task": "(" + "|".join(TASKS) + ")", "instance": ".*", "__rate_i
                 "__range": "1m", "__interval": "2s", "datasource": "prometheus"}
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
             "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
+# The one dashboard target allowed to be empty: 5xx per task (the traffic causes none).
+MAY_BE_EMPTY = {"Error rate per task / A"}
 
 
 # -- what the dashboard and the rules ask for ----------------------------------------------------
@@ -50,14 +56,7 @@ def grafana_expand(expr: str) -> str:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title / refId, PromQL as Grafana sends it) for every panel target."""
-    dash = json.loads(DASHBOARD.read_text())
-    return [(f"{p['title']} / {t['refId']}", grafana_expand(t["expr"]))
-            for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
-
-
-def rule_expressions() -> list[tuple[str, str]]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
+    return [(where, grafana_expand(target["expr"])) for where, target in dashboard_targets()]
 
 
 def variable_queries() -> list[str]:
@@ -81,42 +80,16 @@ def store_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
 def server(store_dir, tmp_path_factory):
     """Base URL of a live `uda-serve` on the tiny backbone."""
     uda_serve = Path(sys.executable).parent / "uda-serve"
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "uda-serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(uda_serve), "--model", MODEL, "--store", str(store_dir),
-                                 "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            pytest.fail(f"uda-serve exited with {proc.returncode}:\n{_log_tail(log)}")
-        return True if httpx.get(f"{url}/readyz", timeout=5).status_code == 200 else None
-
-    try:
-        wait_for("uda-serve /readyz", ready, timeout=240)
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [str(uda_serve), "--model", MODEL, "--store", str(store_dir), "--device", "cpu",
+            "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--log-level", "warning"]
+    with live_process("uda-serve", argv, tmp_path_factory.mktemp("serve") / "uda-serve.log",
+                      f"{url}/readyz"):
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -128,30 +101,18 @@ def prometheus(prometheus_tools, server, tmp_path_factory):
               "rule_files": [str(RULES)],
               "scrape_configs": [{"job_name": "uda-serve", "static_configs": [{"targets": [target]}]}]}
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = tmp / "prometheus.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode}:\n{_log_tail(log)}")
-        return True if httpx.get(f"{url}/-/ready", timeout=5).status_code == 200 else None
-
-    try:
-        wait_for("Prometheus /-/ready", ready, timeout=60)
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [prometheus_tools["prometheus"], f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"]
+    with live_process("prometheus", argv, tmp / "prometheus.log", f"{url}/-/ready", timeout=60):
         yield url
-    finally:
-        _stop(proc)
 
 
-def query(prometheus: str, promql: str) -> dict:
-    """The JSON answer of /api/v1/query (status 'success' or 'error')."""
-    return httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=30).json()
+def query(prometheus: str, promql: str, at: float | None = None) -> dict:
+    """The JSON answer of /api/v1/query (status 'success' or 'error'), now or at time `at`."""
+    params = {"query": promql} | ({"time": f"{at:.3f}"} if at is not None else {})
+    return httpx.get(f"{prometheus}/api/v1/query", params=params, timeout=30).json()
 
 
 def _png() -> bytes:
@@ -160,9 +121,15 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
+class Traffic(NamedTuple):
+    requests: int  # answered requests, refused ones included
+    at: float  # Unix time once Prometheus had scraped them all: the panels' moment
+
+
 @pytest.fixture(scope="module")
-def traffic(server, prometheus) -> int:
-    """Two rounds of requests to both tasks, each seen by a scrape; returns the request count."""
+def traffic(server, prometheus) -> Traffic:
+    """Two rounds of requests to both tasks, each seen by a scrape. Per round and task three
+    images and one body that is not an image (a 4xx, so the error panel has a series)."""
     image = _png()
     sent = 0
     with httpx.Client(base_url=server, timeout=60) as client:
@@ -172,12 +139,16 @@ def traffic(server, prometheus) -> int:
                     r = client.post("/predict", params={"task": task},
                                     files={"file": ("img.png", image, "image/png")})
                     assert r.status_code == 200, f"{task}: {r.status_code} {r.text[:300]}"
-                    sent += 1
+                r = client.post("/predict", params={"task": task}, content=b"not an image",
+                                headers={"content-type": "image/png"})
+                assert 400 <= r.status_code < 500, f"{task}: {r.status_code} {r.text[:300]}"
+                sent += 4
             total = f'sum(uda_requests_total{{task=~"{GRAFANA_VARS["task"]}"}})'
             wait_for(f"Prometheus to scrape {sent} requests", lambda: True if (
                 (res := query(prometheus, total)["data"]["result"]) and float(res[0]["value"][1]) >= sent)
                 else None, timeout=60)
-    return sent
+    at = float(query(prometheus, "time()")["data"]["result"][1])
+    return Traffic(sent, at)
 
 
 # -- the tests -----------------------------------------------------------------------------------
@@ -199,15 +170,35 @@ def test_every_dashboard_query_evaluates(prometheus, traffic):
     assert not failures, "\n".join(failures)
 
 
-def test_per_task_latency_query_has_a_series_per_task(prometheus, traffic):
+def test_every_panel_shows_data_for_both_tasks(prometheus, traffic):
+    """Each target returns series at the end of the traffic, carrying every label its legend
+    names, and one per task where the legend names the task: a wrong label or metric name
+    would evaluate fine and show nothing."""
+    problems = []
+    for where, target in dashboard_targets():
+        result = query(prometheus, grafana_expand(target["expr"]), at=traffic.at)["data"]["result"]
+        if not result:
+            if where not in MAY_BE_EMPTY:
+                problems.append(f"{where}: no data")
+            continue
+        legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+        missing = {name for r in result for name in legend if name not in r["metric"]}
+        if missing:
+            problems.append(f"{where}: series without {sorted(missing)}")
+        if "task" in legend and not set(TASKS) <= {r["metric"].get("task") for r in result}:
+            problems.append(f"{where}: not a series per task: {[r['metric'] for r in result]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_per_task_p99_latency_is_a_real_duration(prometheus, traffic):
     (p99,) = [q for where, q in dashboard_queries()
               if where.startswith("Latency p50 / p95 / p99 per task") and q.startswith("histogram_quantile(0.99")]
-
-    def both_tasks():
-        found = {r["metric"].get("task") for r in query(prometheus, p99)["data"]["result"]}
-        return found if set(TASKS) <= found else None
-
-    assert set(TASKS) <= wait_for("a p99 latency series for each task", both_tasks, timeout=60)
+    result = query(prometheus, p99, at=traffic.at)["data"]["result"]
+    values = {r["metric"]["task"]: float(r["value"][1]) for r in result}
+    assert set(values) == set(TASKS)
+    # NaN (no rate in the window) or +Inf (every observation past the last bucket) mean the
+    # panel shows nothing useful.
+    assert all(math.isfinite(v) and v > 0 for v in values.values()), values
 
 
 def test_task_variable_lists_both_tasks(prometheus, traffic):
@@ -239,14 +230,14 @@ def test_loaded_rules_evaluate_without_errors(prometheus, traffic):
 
 def test_refused_residual_is_counted_and_alerts(prometheus, traffic):
     """The foreign-base residual shows up in uda_residuals_refused_total and fires its alert."""
-    def refused():
-        result = query(prometheus, "sum by (reason) (uda_residuals_refused_total)")["data"]["result"]
-        return result if result and float(result[0]["value"][1]) >= 1 else None
-
-    wait_for("uda_residuals_refused_total to count the foreign residual", refused, timeout=60)
+    refused = 'sum by (reason) (uda_residuals_refused_total{reason="base_mismatch"})'
+    wait_for("uda_residuals_refused_total to count the foreign residual", lambda: True if (
+        (res := query(prometheus, refused)["data"]["result"]) and float(res[0]["value"][1]) >= 1)
+        else None, timeout=60)
 
     def alert():
         alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=30).json()["data"]["alerts"]
         return [a for a in alerts if a["labels"]["alertname"] == "UdaResidualsRefused"] or None
 
-    assert wait_for("the UdaResidualsRefused alert", alert, timeout=60)[0]["state"] == "firing"
+    (firing,) = wait_for("the UdaResidualsRefused alert", alert, timeout=60)
+    assert firing["state"] == "firing" and firing["labels"]["reason"] == "base_mismatch"

@@ -1,6 +1,7 @@
 """deploy/prometheus with promtool: the rules load, fire as their unit tests say, configs parse."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import yaml
 
 from server.app import create_app
 from server.config import ServeConfig
+from server.metrics import REFUSAL_REASONS
 
 from .kustomize_lite import pod_spec, render
 from .relabel_lite import pod_targets, relabel, scrape_url
@@ -42,6 +44,12 @@ def test_every_alert_is_unit_tested_and_documented():
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_unit_tests_use_the_servers_refusal_reasons():
+    """A made-up reason would test an alert for a series the server never exports."""
+    reasons = set(re.findall(r'reason="(\w+)"', UNIT_TESTS.read_text()))
+    assert reasons and reasons <= set(REFUSAL_REASONS), reasons - set(REFUSAL_REASONS)
 
 
 def test_compose_prometheus_config(prometheus_tools):
