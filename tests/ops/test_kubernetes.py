@@ -111,8 +111,11 @@ def test_selectors_match_the_pods():
         spec = by_kind(resources, kind, "uda-serve")["spec"]
         selector = spec["selector"].get("matchLabels", spec["selector"])
         assert selector.items() <= labels.items(), kind
-    hpa = by_kind(resources, "HorizontalPodAutoscaler", "uda-serve")["spec"]["scaleTargetRef"]
-    assert (hpa["kind"], hpa["name"]) == ("Deployment", "uda-serve")
+    hpa = by_kind(resources, "HorizontalPodAutoscaler", "uda-serve")["spec"]
+    assert (hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"]) == ("Deployment", "uda-serve")
+    # The HPA owns the replica count: a `replicas` in the manifest would reset it at each apply.
+    assert "replicas" not in by_kind(resources, "Deployment", "uda-serve")["spec"]
+    assert hpa["minReplicas"] >= 2  # a drain or a node loss leaves one replica serving
     redis_labels = pod_spec_labels(by_kind(resources, "StatefulSet", "redis"))
     assert by_kind(resources, "Service", "redis")["spec"]["selector"].items() <= redis_labels.items()
 
