@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ import yaml
 from residual_store.errors import ResidualStoreError
 from residual_store.stores import open_store
 
+from .kustomize_lite import load_documents
 from .support import KUSTOMIZE, free_port, wait_for
 from .tiny_tasks import residual_blob
 
@@ -53,6 +55,35 @@ def acl_redis(redis_server_bin, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         admin.close()
+
+
+def secret_placeholders() -> dict[str, str]:
+    """The StatefulSet's password variables, each with the value the shipped Secret gives it."""
+    (secret,) = load_documents(KUSTOMIZE / "base" / "redis-secret.yaml")
+    docs = yaml.safe_load_all((KUSTOMIZE / "base" / "redis.yaml").read_text())
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: secret["stringData"][e["valueFrom"]["secretKeyRef"]["key"]] for e in env
+            if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == secret["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("variable", sorted(PASSWORDS))
+@pytest.mark.parametrize("placeholder", ["shipped", "empty"])
+def test_start_script_refuses_placeholder_passwords(redis_server_bin, tmp_path, variable, placeholder):
+    """The Secret's change-me-* values (or nothing) never reach a running redis-server."""
+    value = secret_placeholders()[variable] if placeholder == "shipped" else ""
+    assert placeholder == "empty" or value.startswith("change-me-")
+    port = free_port()
+    env = {"PATH": f"{Path(redis_server_bin).parent}:/usr/bin:/bin", **PASSWORDS, variable: value,
+           "REDIS_ACL_FILE": str(tmp_path / "users.acl"), "REDIS_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([*start_command(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert variable in done.stderr and "uda-redis" in done.stderr, done.stderr
+    assert value == "" or value not in done.stderr  # the message names the variable only
+    assert not (tmp_path / "users.acl").exists()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=port, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)).ping()
 
 
 def store_as(user: str, port: int, password: str):
