@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Tests talk to a real Redis on 127.0.0.1:6379; start one when it is not answering.
+# Tests talk to a real Redis on 127.0.0.1:6379 (started when it is not answering) and start
+# private redis-servers of their own, so the binary is installed even when one answers.
 redis:
+	@scripts/ensure-redis.sh
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || scripts/start-redis.sh
 
 # tests/ops run a real Prometheus (Debian's package) against a live server.

@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throw-away Redis on 127.0.0.1:6379 for the test suite (installs it on Debian if missing).
 set -euo pipefail
-if ! command -v redis-server >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    echo "redis-server not found: installing it with apt-get" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  else
-    echo "redis-server is not installed and no apt-get here: install Redis, then rerun" >&2
-    exit 1
-  fi
-fi
+"$(dirname "$0")/ensure-redis.sh"
 mkdir -p /tmp/vlp-uda-redis
 redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
   --dir /tmp/vlp-uda-redis --logfile /tmp/vlp-uda-redis/redis.log

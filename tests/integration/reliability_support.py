@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from residual_store import BaseSpec, Residual, to_bytes
 from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
-from server.cache import cached_nbytes
+from server.cache import cached_nbytes, resident_form
 from server.synthetic import image_bytes, random_residual, reference_scores
 
 MODEL = "uda-tiny-vit"
@@ -75,7 +75,7 @@ class Version:
 def cache_budget(residuals: float, *versions: Version) -> int:
     """--cache-bytes for `residuals` of the largest of `versions` (1.5: one fits, never two)."""
     layout = ParamLayout.of(base().visual)
-    largest = max(cached_nbytes(v.residual.to_flat(layout), v.residual.build_head()) for v in versions)
+    largest = max(cached_nbytes(resident_form(v.residual, layout), v.residual.build_head()) for v in versions)
     return int(residuals * largest)
 
 
@@ -191,7 +191,7 @@ class PrivateRedis:
     def __init__(self, tmp: Path, extra: list[str] | None = None):
         path = shutil.which("redis-server")
         if not path:
-            msg = "redis-server is not installed (scripts/start-redis.sh installs it)"
+            msg = "redis-server is not installed (scripts/ensure-redis.sh, run by make test, installs it)"
             if os.environ.get("CI") == "true":
                 pytest.fail(msg)
             pytest.skip(msg)

@@ -9,23 +9,25 @@ import pytest
 from .support import ROOT, missing_tool
 
 
+def ensured(script_name: str, *tools: str) -> dict[str, str]:
+    """Paths of `tools`, after scripts/`script_name` installed them if one was missing (what
+    `make test` runs first; this covers a bare `pytest`)."""
+    if not all(shutil.which(t) for t in tools):
+        script = ROOT / "scripts" / script_name
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+        if done.returncode != 0 or not all(shutil.which(t) for t in tools):
+            reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            missing_tool(f"{'/'.join(tools)} missing and {script.name} failed: {reason}")
+    return {t: shutil.which(t) for t in tools}
+
+
 @pytest.fixture(scope="session")
 def prometheus_tools() -> dict[str, str]:
-    """Paths of `prometheus` and `promtool`, installed by scripts/ensure-prometheus.sh if missing."""
-    if not (shutil.which("prometheus") and shutil.which("promtool")):
-        script = ROOT / "scripts" / "ensure-prometheus.sh"
-        done = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-        if done.returncode != 0 or not shutil.which("promtool"):
-            reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-            missing_tool(f"prometheus/promtool missing and {script.name} failed: {reason}")
-    return {"prometheus": shutil.which("prometheus"), "promtool": shutil.which("promtool")}
+    """Paths of `prometheus` and `promtool`."""
+    return ensured("ensure-prometheus.sh", "prometheus", "promtool")
 
 
 @pytest.fixture(scope="session")
 def redis_server_bin() -> str:
-    """redis-server, for tests that start their own (scripts/start-redis.sh installs it)."""
-    path = shutil.which("redis-server")
-    if not path:
-        script = ROOT / "scripts" / "start-redis.sh"
-        missing_tool(f"redis-server is not installed: run {script} (it installs Debian's package)")
-    return path
+    """redis-server, for tests that start their own."""
+    return ensured("ensure-redis.sh", "redis-server")["redis-server"]
