@@ -20,6 +20,11 @@ from server.config import ADMIN_TOKEN_ENV, LOG_LEVELS, ConfigError, ServeConfig,
 
 logger = logging.getLogger(__name__)
 
+# Where to listen when --host/--port are not given. The Docker image sets them, and its
+# HEALTHCHECK dials UDA_PORT, so the server and its health check cannot disagree.
+HOST_ENV = "UDA_HOST"
+PORT_ENV = "UDA_PORT"
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
@@ -38,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds to receive an upload (408) and to wait for its answer (503)")
     p.add_argument("--preload", default="", help="TASK[,TASK] made resident at start")
     p.add_argument("--pin", default="", help="TASK[,TASK] never evicted")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
+    # SUPPRESS: "not given" must stay distinguishable from a value, so the environment can fill it.
+    p.add_argument("--host", default=argparse.SUPPRESS,
+                   help=f"interface to listen on (default: ${HOST_ENV}, else {d.host})")
+    p.add_argument("--port", type=int, default=argparse.SUPPRESS,
+                   help=f"TCP port to listen on (default: ${PORT_ENV}, else {d.port})")
     p.add_argument("--admin-token", default=None,
                    help=f"bearer token for /admin/* (or ${ADMIN_TOKEN_ENV}); unset disables /admin")
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
@@ -53,8 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listen_address(args: argparse.Namespace, problems: list[str]) -> tuple[str, int]:
+    """--host/--port, else $UDA_HOST/$UDA_PORT, else ServeConfig's defaults."""
+    host = getattr(args, "host", None) or os.environ.get(HOST_ENV) or ServeConfig.host
+    port = getattr(args, "port", None)
+    if port is None:
+        raw = os.environ.get(PORT_ENV, "").strip()
+        try:
+            port = int(raw) if raw else ServeConfig.port
+        except ValueError:
+            problems.append(f"${PORT_ENV} {raw!r} is not a port number: use e.g. {PORT_ENV}=8000")
+            port = ServeConfig.port
+    return host, port
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     problems = []
+    host, port = listen_address(args, problems)
     sizes = {}
     for flag in ("cache_bytes", "max_image_bytes"):
         try:
@@ -66,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, pretrained=args.pretrained, store=args.store, device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout=args.request_timeout, preload=parse_tasks(args.preload),
-        pin=parse_tasks(args.pin), host=args.host, port=args.port,
+        pin=parse_tasks(args.pin), host=host, port=port,
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
         log_level=args.log_level, max_image_pixels=args.max_image_pixels,
         decode_workers=args.decode_workers, reconcile_interval=args.reconcile_interval,

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 import tomllib
 
 import pytest
+import yaml
 
-from .support import DOCKER, ROOT
+from .support import DOCKER, ROOT, free_port, live_process
 
 DOCKERFILE = DOCKER / "Dockerfile"
 
@@ -46,6 +52,23 @@ def arg_default(name: str) -> str:
     raise AssertionError(f"no ARG {name}=default in the Dockerfile")
 
 
+def image_env() -> dict[str, str]:
+    """The runtime stage's ENV variables (the last value of each)."""
+    pairs = [w.split("=", 1) for word, rest in stages()["runtime"] if word == "ENV"
+             for w in shlex.split(rest)]
+    return dict(pairs)
+
+
+def resolve(text: str, **overrides: str) -> str:
+    """`${ARG}` references replaced by the ARG defaults (or `overrides`), as a build would."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: overrides.get(m.group(1)) or arg_default(m.group(1)), text)
+
+
+def torch_index(flavor: str, cuda_version: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(DOCKER / "torch-index.sh"), flavor, cuda_version],
+                          capture_output=True, text=True)
+
+
 def test_torch_pins_match_pyproject():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = dict(d.split("==") for d in deps if d.startswith(("torch==", "torchvision==")))
@@ -57,9 +80,34 @@ def test_cpu_by_default_cuda_by_build_argument():
     assert arg_default("FLAVOR") == "cpu"
     assert {"base-cpu", "base-cuda", "builder", "runtime"} <= set(stages())
     assert ("FROM", "base-${FLAVOR} AS base") in instructions()
-    assert arg_default("CUDA_IMAGE").startswith("nvidia/cuda:") and "runtime" in arg_default("CUDA_IMAGE")
-    text = DOCKERFILE.read_text()
-    assert "https://download.pytorch.org/whl/cpu" in text  # CPU image: no CUDA libraries
+    assert torch_index("cpu", "").stdout.strip() == "https://download.pytorch.org/whl/cpu"  # no CUDA libraries
+
+
+@pytest.mark.parametrize("cuda_version", [None, "12.6.3"], ids=["default", "overridden"])
+def test_cuda_base_and_torch_wheels_follow_one_build_argument(cuda_version):
+    """With the default CUDA_VERSION or another one, the base image's CUDA release and the
+    torch wheel index name the same CUDA major.minor."""
+    cuda_version = cuda_version or arg_default("CUDA_VERSION")
+    (base,) = [rest for word, rest in instructions() if word == "FROM" and rest.endswith(" AS base-cuda")]
+    image = resolve(base.split(" AS ")[0], CUDA_VERSION=cuda_version)
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu[\d.]+", image)
+    assert m, image
+    builder = stages()["builder"]
+    # The builder stage must declare both, or they are empty inside it.
+    assert {("ARG", "FLAVOR"), ("ARG", "CUDA_VERSION")} <= set(builder)
+    (install,) = [rest for word, rest in builder if word == "RUN" and "torch==" in rest]
+    assert 'torch-index.sh "$FLAVOR" "$CUDA_VERSION"' in install and '--index-url "$index"' in install
+    done = torch_index("cuda", cuda_version)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"https://download.pytorch.org/whl/cu{m.group(1)}{m.group(2)}"
+
+
+@pytest.mark.parametrize("flavor,cuda_version,message", [
+    ("cuda", "", "is not MAJOR.MINOR"), ("cuda", "12", "is not MAJOR.MINOR"),
+    ("gpu", "12.8.1", "is not cpu or cuda")])
+def test_torch_index_refuses_what_it_cannot_name(flavor, cuda_version, message):
+    done = torch_index(flavor, cuda_version)
+    assert done.returncode != 0 and message in done.stderr and not done.stdout
 
 
 def test_multi_stage_runtime_is_slim_and_non_root():
@@ -72,9 +120,44 @@ def test_multi_stage_runtime_is_slim_and_non_root():
     assert instructions()[-1][0] == "CMD"
 
 
-def test_healthcheck_probes_healthz():
+def healthcheck_command() -> list[str]:
     (check,) = [rest for word, rest in stages()["runtime"] if word == "HEALTHCHECK"]
-    assert "/healthz" in check
+    return json.loads(check.split(" CMD ", 1)[1])
+
+
+def test_healthcheck_probes_healthz():
+    assert "/healthz" in " ".join(healthcheck_command())
+
+
+def test_compose_leaves_the_port_to_the_image():
+    """compose runs the image's server where the image's HEALTHCHECK looks for it."""
+    serve = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["uda-serve"]
+    assert not [w for w in serve["command"] if w.startswith(("--port", "--host"))]
+    assert "UDA_PORT" not in serve.get("environment", {})
+    (mapping,) = serve["ports"]
+    assert mapping.rsplit(":", 1)[1] == image_env()["UDA_PORT"]
+    assert image_env()["UDA_HOST"] == "0.0.0.0"  # reachable through the published port
+
+
+@pytest.mark.integration
+def test_healthcheck_follows_the_port_the_server_listens_on(tmp_path):
+    """The image's CMD and HEALTHCHECK, run as written with the image's environment and a
+    non-default UDA_PORT: the check passes, and fails when pointed at another port."""
+    port = free_port()
+    assert str(port) != image_env()["UDA_PORT"]
+    venv_bin = os.path.dirname(sys.executable)
+    # Loopback instead of the image's 0.0.0.0: this is a shared machine, not a container.
+    env = {**os.environ, **image_env(), "UDA_HOST": "127.0.0.1", "UDA_PORT": str(port),
+           "HOME": os.environ.get("HOME", str(tmp_path)), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    serve = json.loads(instructions()[-1][1])
+    serve[serve.index("--store") + 1] = str(tmp_path / "residuals")
+    with live_process("uda-serve", serve, tmp_path / "uda-serve.log",
+                      f"http://127.0.0.1:{port}/healthz", env=env):
+        done = subprocess.run(healthcheck_command(), env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        elsewhere = {**env, "UDA_PORT": str(free_port())}
+        done = subprocess.run(healthcheck_command(), env=elsewhere, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
 
 
 def test_default_command_is_uda_serve_and_no_entrypoint_blocks_uda_train():
@@ -82,7 +165,8 @@ def test_default_command_is_uda_serve_and_no_entrypoint_blocks_uda_train():
     assert instructions()[-1][1].startswith('["uda-serve"')
 
 
-@pytest.mark.parametrize("source", ["pyproject.toml", "README.md", "residual_store", "trainer", "server"])
+@pytest.mark.parametrize("source", ["pyproject.toml", "README.md", "residual_store", "trainer", "server",
+                                    "docker/torch-index.sh"])
 def test_copied_sources_exist_and_pass_dockerignore(source):
     assert (ROOT / source).exists()
     rules = [r.strip() for r in (ROOT / ".dockerignore").read_text().splitlines()

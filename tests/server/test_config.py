@@ -48,3 +48,25 @@ def test_main_answers_a_start_failure_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("uda-serve: cannot start:") and "unknown open_clip model" in err
     assert "\n" not in err
+
+
+def test_listen_address_comes_from_the_flags_else_the_environment(monkeypatch):
+    monkeypatch.delenv("UDA_HOST", raising=False)
+    monkeypatch.delenv("UDA_PORT", raising=False)
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert (cfg.host, cfg.port) == (ServeConfig.host, ServeConfig.port)
+    # The Docker image sets these, and its HEALTHCHECK dials UDA_PORT.
+    monkeypatch.setenv("UDA_HOST", "0.0.0.0")
+    monkeypatch.setenv("UDA_PORT", "9123")
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 9123)
+    cfg = config_from_args(build_parser().parse_args(["--host", "127.0.0.1", "--port", "8001"]))
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 8001)
+
+
+def test_a_bad_port_in_the_environment_is_reported_with_the_flags(monkeypatch):
+    monkeypatch.setenv("UDA_PORT", "eighty")
+    with pytest.raises(ConfigError) as info:
+        config_from_args(build_parser().parse_args(["--max-batch", "0"]))
+    assert len(info.value.problems) == 2
+    assert any("$UDA_PORT 'eighty'" in p for p in info.value.problems)
