@@ -18,7 +18,12 @@ point under torchrun). Each process trains on its own sample stream (seeded by i
 --batch-size images per domain, so the effective batch is nproc x --batch-size; gradients are
 averaged by DistributedDataParallel and RST applies the same mask on every rank. Rank 0
 writes logs and checkpoints (the workdir must be on a shared filesystem for --resume),
-evaluates the exported residual and publishes it; the other ranks exit after training.
+evaluates the exported residual and publishes it; the other ranks exit after training. A
+non-finite loss on any rank stops every rank at that step; a rank that dies makes the others
+fail too (at the latest after trainer.distributed.TIMEOUT) instead of waiting forever.
+
+Ctrl-C stops after the current step with a checkpoint; a second Ctrl-C stops at once, keeping
+the last checkpoint. Either way --resume continues exactly.
 """
 from __future__ import annotations
 
@@ -145,7 +150,11 @@ def run(cfg: TrainConfig) -> int:
             return _publish(trainer, exported)
         return 0
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted at step {trainer.step}; continue with --resume", file=sys.stderr)
+        saved = trainer.checkpoint_step
+        where = ("no checkpoint was written yet" if saved is None else
+                 f"checkpoint of step {saved} in {trainer.checkpoint_path}; continue with the "
+                 "same flags and --resume")
+        print(f"{PROG}: interrupted at step {trainer.step}; {where}", file=sys.stderr)
         return 130
     finally:
         trainer.cleanup()

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -343,7 +344,14 @@ class StepSampler:
 def step_loader(dataset: Dataset, sampler: StepSampler, workers: int, pin: bool) -> DataLoader:
     """Batches `(samples, unreadable)`: read them through readable_batches."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=False, collate_fn=collate_readable)
+                      persistent_workers=False, collate_fn=collate_readable,
+                      worker_init_fn=_ignore_interrupts)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches the loader's workers too; a worker that died of it would fail the step the
+    # main process finishes before it stops (trainer/interrupt.py).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_loader(domain: Domain, size: int, batch: int, workers: int) -> DataLoader:

@@ -8,14 +8,16 @@ lr and the head at lr * m, lr(x) = lr * (1 + 3e-4 x)^-0.75 per step; RST after e
 
 Under torchrun each process trains on its own sample stream (seeded by the rank) with
 --batch-size images per domain, gradients are averaged by DistributedDataParallel, and rank 0
-writes logs and checkpoints; see trainer/cli.py.
+writes logs and checkpoints; see trainer/cli.py and trainer/distributed.py.
+
+Checkpoints are written at step boundaries only, Ctrl-C included (trainer/interrupt.py), so
+--resume continues exactly where the checkpoint says.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,12 @@ from tqdm import tqdm
 from residual_store.base import BaseSpec, backbone_family, embed_dim, fingerprint, input_size
 from residual_store.flat import FlatParams
 from residual_store.head import TaskHead
-from trainer import checkpoint, data
+from trainer import checkpoint, data, distributed
 from trainer.cmkd import cmkd_loss, ramp
 from trainer.config import TRAINING_FIELDS, TrainConfig
 from trainer.errors import CheckpointError, ConfigError, TrainerError
 from trainer.fixmatch import fixmatch_loss
+from trainer.interrupt import StepBoundaryInterrupt
 from trainer.network import (
     UdaNetwork,
     freeze_all_but_visual,
@@ -67,6 +70,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.step = 0
+        self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.rank, self.world = 0, 1
 
     # -- setup ---------------------------------------------------------------------------------
@@ -86,21 +90,11 @@ class Trainer:
 
     def _setup_distributed(self) -> None:
         cfg = self.cfg
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(["--device cuda but no CUDA device is available: use --device cpu or auto"])
-        if self.world > 1:
-            import torch.distributed as dist
-
-            self.rank = int(os.environ["RANK"])
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            if want_cuda:
-                torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if want_cuda else "gloo")
-            self.device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-        else:
-            self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.world = distributed.world_size()
+        self.rank, self.device = distributed.start(want_cuda)
         if cfg.amp and self.device.type != "cuda":
             logger.warning("--amp needs CUDA; training in float32 on %s", self.device)
         self.amp = cfg.amp and self.device.type == "cuda"
@@ -145,7 +139,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_net = DistributedDataParallel(self.net, device_ids=ids, broadcast_buffers=False)
+            # The head's BatchNorm statistics stay each rank's own (rank 0's are exported); the
+            # sync at init is harmless, every rank builds the same head from the same seed.
+            self.ddp_net = DistributedDataParallel(self.net, device_ids=ids, forward_sync_buffers=False)
         self.sparsifier = ResidualSparsifier(self.flat, cfg.tau, w0=self.w0) if cfg.rst else None
 
     def _setup_optimizer(self) -> None:
@@ -175,8 +171,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Call at step boundaries only: the state must be that of a whole number of steps."""
         if self.is_main:
             checkpoint.save(self.checkpoint_path, self._checkpoint_state())
+        self.checkpoint_step = self.step
 
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.checkpoint_path)
@@ -196,7 +194,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_states(state["rng"])
-        self.step = int(state["step"])
+        self.step = self.checkpoint_step = int(state["step"])
         logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
 
     # -- training ------------------------------------------------------------------------------
@@ -210,15 +208,13 @@ class Trainer:
         stop = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
         log = self._open_log()
         try:
-            while self.step < stop:
-                epoch = self.step // cfg.iters_per_epoch
-                end = min((epoch + 1) * cfg.iters_per_epoch, stop)
-                last = self._run_epoch(epoch, self.step, end, log)
-                if self.step % cfg.iters_per_epoch == 0 or self.step == stop:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
+            with StepBoundaryInterrupt() as interrupt:
+                while self.step < stop:
+                    epoch = self.step // cfg.iters_per_epoch
+                    end = min((epoch + 1) * cfg.iters_per_epoch, stop)
+                    last = self._run_epoch(epoch, self.step, end, log, interrupt)
+                    if self.step % cfg.iters_per_epoch == 0 or self.step == stop:
+                        self.save_checkpoint()
         finally:
             if log is not None:
                 log.close()
@@ -252,9 +248,9 @@ class Trainer:
             loaders.append(data.step_loader(tgt, tgt_sampler, cfg.workers, pin))
         return loaders
 
-    def _run_epoch(self, epoch: int, start: int, end: int, log) -> dict[str, float]:
+    def _run_epoch(self, epoch: int, start: int, end: int, log,
+                   interrupt: StepBoundaryInterrupt) -> dict[str, float]:
         cfg = self.cfg
-        self.ddp_net.train()
         loaders = self._loaders(start, end)
         sums: dict[str, float] = {}
         batches = zip(*(data.readable_batches(loader, self.skipped) for loader in loaders))
@@ -263,12 +259,22 @@ class Trainer:
         losses: dict[str, float] = {}
         for n, batches in enumerate(bar, start=1):
             losses = self.train_step(batches)
+            finite = all(map(_finite, losses.values()))
+            # every rank takes the same branch, or the others would wait for it in the next step
+            not_finite, interrupted = distributed.any_rank([not finite, interrupt.requested], self.device)
+            if not_finite:  # the last checkpoint stays the good one
+                where = "" if not finite else " on another process"
+                raise TrainerError(f"loss is not finite at step {self.step}{where} ({losses}): "
+                                   "lower --lr or --head-lr-mult")
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v / n:.4f}" for k, v in sums.items()}, refresh=False)
             if log is not None:
                 log.write(json.dumps({"step": self.step, "epoch": epoch, **losses}) + "\n")
                 log.flush()
+            if interrupted:
+                self.save_checkpoint()
+                raise KeyboardInterrupt
             if self.step % cfg.checkpoint_every == 0 and self.step < end:
                 self.save_checkpoint()
         bar.close()
@@ -277,8 +283,10 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         """One optimiser step (forward, losses, backward, SGD, scheduler, RST) on loaded batches:
         `batches[0]` = (source images, labels), and for cmkd `batches[1]` = the target views
-        (weak, then strong with --fixmatch). Returns the step's losses, lr and ramp value."""
+        (weak, then strong with --fixmatch). Returns the step's losses (the caller checks they
+        are finite, together with the other ranks), lr and ramp value."""
         cfg = self.cfg
+        self.ddp_net.train()  # predict() may have left it in eval mode
         lam = ramp(self.step, cfg.ramp_steps, cfg.gamma)
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         xs, ys = batches[0][0].to(self.device, non_blocking=True), batches[0][1].to(self.device)
@@ -312,9 +320,6 @@ class Trainer:
             self.sparsifier.step()
         self.step += 1
         values = {k: float(v.detach()) for k, v in out.items()}
-        if not all(map(_finite, values.values())):  # the last checkpoint stays the good one
-            raise TrainerError(f"loss is not finite at step {self.step} ({values}): lower --lr "
-                               "or --head-lr-mult")
         return {**values, "lr": lrs[0], "head_lr": lrs[1], "ramp": lam}
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -332,11 +337,7 @@ class Trainer:
         return data.eval_loader(self.target, self.input_size, self.cfg.eval_batch_size, self.cfg.workers)
 
     def cleanup(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.stop()
 
 
 def _logged_step(line: str) -> float:
