@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from trainer import cli
+from trainer.config import TrainConfig
 from trainer.demo import make_shapes_world
+from trainer.loop import Trainer
 
 CLASSES = ("circle", "square", "triangle")
 FAST = ("--pretrained", "random", "--epochs", "1", "--iters-per-epoch", "3", "--batch-size", "4",
@@ -46,6 +48,23 @@ def train(world):
         return cli.main([*data, "--model", model, *FAST, "--workdir", str(workdir), *extra])
 
     return run
+
+
+@pytest.fixture
+def make_trainer(world):
+    """make_trainer(workdir, **TrainConfig fields) -> a set-up Trainer with the FAST settings."""
+
+    def make(workdir: Path, **fields) -> Trainer:
+        values = dict(source=world["photo"], target=world["sketch"], model="uda-tiny-vit",
+                      pretrained=None, epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-3,
+                      head_lr_mult=10, workers=0, device="cpu", eval_batch_size=16, workdir=workdir)
+        cfg = TrainConfig(**{**values, **fields})
+        cfg.validate()
+        trainer = Trainer(cfg)
+        trainer.setup()
+        return trainer
+
+    return make
 
 
 @pytest.fixture

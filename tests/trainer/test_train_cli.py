@@ -13,9 +13,7 @@ from residual_store import BaseSpec, FlatParams, check_compatible, fingerprint, 
 from residual_store.stores import open_store
 from trainer import cli, data
 from trainer.cmkd import ramp
-from trainer.config import TrainConfig
 from trainer.export import ARTIFACT, evaluate_artifact, export
-from trainer.loop import Trainer
 
 
 def residual_of(workdir: Path):
@@ -103,13 +101,9 @@ def test_target_class_names_cannot_influence_training(train, world_copy, tmp_pat
     assert same_tensors(residual_of(tmp_path / "a"), residual_of(tmp_path / "b"))
 
 
-def test_exported_artifact_predicts_like_the_in_memory_model(world, tmp_path):
-    cfg = TrainConfig(source=world["photo"], target=world["sketch"], model="uda-tiny-vit",
-                      pretrained=None, rst=True, epochs=1, iters_per_epoch=3, batch_size=4,
-                      lr=1e-3, head_lr_mult=10, workers=0, device="cpu", workdir=tmp_path)
-    cfg.validate()
-    trainer = Trainer(cfg)
-    trainer.setup()
+@pytest.mark.parametrize("model", ["uda-tiny-vit", "uda-tiny-rn"])
+def test_exported_artifact_predicts_like_the_in_memory_model(make_trainer, tmp_path, model):
+    trainer = make_trainer(tmp_path, model=model, rst=True)
     result = trainer.train()
     in_memory = trainer.predict(trainer.target_eval_loader())
     exported = export(trainer, result, wall_start=0.0)
@@ -164,16 +158,12 @@ def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path,
 
 
 def test_files_that_break_after_the_scan_are_skipped_and_counted(world_copy, tmp_path, truncated_jpeg,
-                                                                 caplog):
+                                                                 make_trainer, caplog):
     """Truncated between the scan and their first read (one worker process loads them): training
     and the final evaluation go on, and the report names each file once."""
-    cfg = TrainConfig(source=world_copy["photo"], target=world_copy["sketch"], model="uda-tiny-vit",
-                      pretrained=None, epochs=1, iters_per_epoch=3, batch_size=4, lr=1e-3,
-                      head_lr_mult=10, workers=1, device="cpu", workdir=tmp_path / "run")
-    cfg.validate()
-    trainer = Trainer(cfg)
-    trainer.setup()
-    first = {role: data.StepSampler(len(files), 4, cfg.seed, role, 0, 1).batch_at(0)[0][0]
+    trainer = make_trainer(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"],
+                           workers=1)
+    first = {role: data.StepSampler(len(files), 4, trainer.cfg.seed, role, 0, 1).batch_at(0)[0][0]
              for role, files in ((data.SOURCE, trainer.source.files), (data.TARGET, trainer.target_train_files))}
     broken = [trainer.source.files[first[data.SOURCE]], trainer.target_train_files[first[data.TARGET]]]
     for path in broken:  # read in the first step; the target one again in the evaluation
