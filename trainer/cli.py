@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=DEVICES, default=d.device)
-    g.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="data loader processes (and threads decoding every image once up front)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--workdir", type=Path, default=d.workdir, help="default: %(default)s")
     g.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")

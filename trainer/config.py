@@ -75,7 +75,7 @@ class TrainConfig:
 
     # execution
     device: Device = "auto"  # auto picks cuda when available
-    workers: int = 4  # DataLoader worker processes (0: load in the main process)
+    workers: int = 4  # DataLoader worker processes (0: load in the main process); scan threads
     amp: bool = False  # bf16 autocast, CUDA only
     workdir: Path = Path("runs/uda")  # checkpoints, logs, residual.safetensors, report.json
     resume: bool = False  # continue from workdir/checkpoint.pt

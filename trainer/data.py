@@ -2,10 +2,12 @@
 
 Layout: ImageFolder, `DOMAIN/<class>/<image>`; classes are the sorted class-folder names and
 must be the same in both domains, two at least. A domain folder whose only entry is an
-`images` folder (Office-31: `amazon/images/<class>/...`) stands for that folder. Every file is decoded once up front: a file Pillow cannot
-read is skipped with one warning and counted in the report. A file that breaks after the scan
-is skipped the same way when training or evaluation reaches it (reported by the loader to the
-main process, which warns once and counts it), so neither an epoch nor the evaluation crashes.
+`images` folder (Office-31: `amazon/images/<class>/...`) stands for that folder.
+
+Every file is decoded once up front: a file Pillow cannot read is skipped with one warning
+and counted in the report. A file that breaks after the scan is skipped the same way when
+training or evaluation reaches it (reported by the loader to the main process, which warns
+once and counts it), so neither an epoch nor the evaluation crashes.
 
 Sampling is a pure function of (seed, domain, step): the images and augmentation seeds of step
 t do not depend on what ran before, so `--resume` reproduces an uninterrupted run exactly and
@@ -106,17 +108,20 @@ def scan_domain(root: Path, classes: list[str], role: str, workers: int = 0) -> 
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue  # .DS_Store, ._foo.jpg and friends are not data
             candidates.append((path, label))
-    files, labels, digests, skipped = [], [], [], []
+    paths = [path for path, _ in candidates]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        checks = pool.map(_check_image, [path for path, _ in candidates])
-        for (path, label), (digest, reason) in zip(candidates, checks):
-            if reason is not None:
-                logger.warning("skipping unreadable %s image %s: %s", role, path, reason)
-                skipped.append(Skipped(str(path), reason))
-                continue
-            files.append(path)
-            labels.append(label)
-            digests.append(digest)
+        # map() submits everything at once: in chunks, a 600k-image domain is not 600k futures
+        checks = [c for i in range(0, len(paths), 1024)
+                  for c in pool.map(_check_image, paths[i:i + 1024])]
+    files, labels, digests, skipped = [], [], [], []
+    for (path, label), (digest, reason) in zip(candidates, checks):
+        if reason is not None:
+            logger.warning("skipping unreadable %s image %s: %s", role, path, reason)
+            skipped.append(Skipped(str(path), reason))
+            continue
+        files.append(path)
+        labels.append(label)
+        digests.append(digest)
     if not files:
         raise DataError(f"{role} domain folder {str(root)!r} has no readable images "
                         f"({len(skipped)} unreadable files skipped)")

@@ -253,8 +253,8 @@ class Trainer:
         cfg = self.cfg
         loaders = self._loaders(start, end)
         sums: dict[str, float] = {}
-        batches = zip(*(data.readable_batches(loader, self.skipped) for loader in loaders))
-        bar = tqdm(batches, total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        steps = zip(*(data.readable_batches(loader, self.skipped) for loader in loaders))
+        bar = tqdm(steps, total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    initial=0, disable=None if self.is_main else True, leave=True)
         losses: dict[str, float] = {}
         for n, batches in enumerate(bar, start=1):
