@@ -87,7 +87,7 @@ def test_files_that_break_after_the_scan_are_skipped_and_reported_once(world_cop
 
     evaluated = list(data.readable_batches(data.eval_loader(source, 32, 4, workers=1), skipped))
     labels = torch.cat([y for _, y in evaluated])
-    assert len(labels) == 14 and labels.tolist() == source.labels[:last_circle] + source.labels[last_circle + 1:]
+    assert labels.tolist() == source.labels[:last_circle] + source.labels[last_circle + 1:]  # 14
     assert [s.path for s in skipped] == [str(broken)]  # still counted once
     warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
     assert len(warnings) == 1 and str(broken) in warnings[0]

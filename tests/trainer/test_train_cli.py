@@ -150,7 +150,8 @@ def test_other_methods_train(train, tmp_path, extra):
 def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path, truncated_jpeg):
     (world_copy["sketch"] / "circle" / "notes.txt").write_text("hello")
     (world_copy["photo"] / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
-    truncated_jpeg(world_copy["sketch"] / "square" / "cut.jpg", like=world_copy["sketch"] / "square" / "square_000.png")
+    square = world_copy["sketch"] / "square"
+    truncated_jpeg(square / "cut.jpg", like=square / "square_000.png")
     assert train(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["metrics"]["skipped_files"] == 3 and report["metrics"]["target_images"] == 15
@@ -163,8 +164,9 @@ def test_files_that_break_after_the_scan_are_skipped_and_counted(world_copy, tmp
     and the final evaluation go on, and the report names each file once."""
     trainer = make_trainer(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"],
                            workers=1)
+    domains = ((data.SOURCE, trainer.source.files), (data.TARGET, trainer.target_train_files))
     first = {role: data.StepSampler(len(files), 4, trainer.cfg.seed, role, 0, 1).batch_at(0)[0][0]
-             for role, files in ((data.SOURCE, trainer.source.files), (data.TARGET, trainer.target_train_files))}
+             for role, files in domains}
     broken = [trainer.source.files[first[data.SOURCE]], trainer.target_train_files[first[data.TARGET]]]
     for path in broken:  # read in the first step; the target one again in the evaluation
         truncated_jpeg(path, like=path)
