@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from bench import common
-from residual_store import BaseSpec, FlatResidual, Residual
+from residual_store import BaseSpec, PackedResidual, Residual
 from residual_store.errors import BaseModelError
+from server.cache import resident_form
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,12 @@ class SwapPeer:
 
     def __init__(self, engine):
         self.engine = engine
-        self.flats: dict[int, FlatResidual] = {}
+        self.flats: dict[int, PackedResidual] = {}  # what the server's cache holds
 
     def setup(self, tasks: list[Task]) -> None:
         for t in tasks:
-            self.flats[t.index] = t.residual.to_flat(self.engine.layout, self.engine.flat.buffer.dtype,
-                                                     self.engine.device)
+            self.flats[t.index] = resident_form(t.residual, self.engine.layout,
+                                                self.engine.flat.buffer.dtype).to(self.engine.device)
 
     def task_bytes(self, task: Task) -> int:
         return self.flats[task.index].nbytes + common.module_nbytes(task.head)

@@ -9,7 +9,7 @@ afterwards. Redis holds at most --redis-max-tasks tasks (default 100: 1,000 resi
 ViT-B-16 would be 3.4 GB in a shared Redis). Then, per store, a fresh process (so its RSS is
 only the server's) builds the base as the server does (SwapEngine.setup) and loads every task
 the way the server's loader does, keeping each one resident as a flat (index, value) pair plus
-its head: get -> sha256 -> from_bytes -> check_compatible -> to_flat -> build_head. Each load
+its head: get -> sha256 -> from_bytes -> check_compatible -> pack -> build_head. Each load
 is timed by stage; the RSS (and device memory) is read after 10, 100, 1,000 resident tasks.
 Loads are cold for the server (nothing cached) but the directory's files were just written,
 so they come from the OS page cache.
@@ -34,7 +34,7 @@ from residual_store.errors import BaseModelError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("get", "sha256", "from_bytes", "check_compatible", "to_flat", "build_head")
+STAGES = ("get", "sha256", "from_bytes", "check_compatible", "pack", "build_head")
 
 
 @dataclasses.dataclass
@@ -74,6 +74,7 @@ def load_all(store_url: str, model: str, device: str, checkpoints: Sequence[int]
 
     from residual_store import BaseSpec, check_compatible, from_bytes
     from residual_store.stores import open_store
+    from server.cache import resident_form
     from server.engine import SwapEngine
 
     engine = SwapEngine(BaseSpec(model), device)
@@ -94,7 +95,7 @@ def load_all(store_url: str, model: str, device: str, checkpoints: Sequence[int]
         t.append(time.perf_counter())
         check_compatible(residual, engine.layout, engine.fingerprint, engine.embed_dim)
         t.append(time.perf_counter())
-        flat = residual.to_flat(engine.layout, dtype, engine.device)
+        flat = resident_form(residual, engine.layout, dtype).to(engine.device)
         common.sync(engine.device)
         t.append(time.perf_counter())
         head = residual.build_head().to(engine.device)
@@ -186,6 +187,7 @@ def run(cfg: ScaleConfig, checkpoint=None) -> dict:
     """Every density of the config; `checkpoint(payload)` is called after each one."""
     from residual_store import BaseSpec
     from residual_store.stores import open_store
+    from server.cache import resident_form
     from server.engine import SwapEngine
 
     engine = SwapEngine(BaseSpec(cfg.model), "cpu")  # only for layout and fingerprint

@@ -4,12 +4,15 @@
     python -m bench.swap --quick      # uda-tiny-vit, few runs: a smoke run in seconds
 
 A residual holding a given fraction (--densities, default 0.1% and 0.5%) of the image-encoder
-parameters at random positions, with random float32 deltas, is applied and restored three ways:
-  flat         residual_store.swap on the flat parameter buffer, what the server does:
-               `saved = w[idx]; w[idx] += values; ...; w[idx] = saved`
-               (one index_select, one index_add_, one index_copy_);
-  per-tensor   the same three ops once per changed parameter tensor, in a Python loop;
-  precomputed  two index_copy_ on the flat buffer, with `original = w0[idx]` and
+parameters at random positions, with random float32 deltas, is applied and restored five ways:
+  packed       what the server does: the cache's packed residual (6 bytes per entry) is unpacked
+               to its int64 flat index, then residual_store.swap on the flat parameter buffer:
+               `saved = w[idx]; w[idx] = saved + values; ...; w[idx] = saved` (take, put_, put_);
+  flat         the same swap from an unpacked int64 index (12 bytes per entry cached);
+  index-ops    the same maths with index_select, index_add_ and index_copy_ (the server's
+               scheme before take/put_, which run in parallel over the index on a CPU);
+  per-tensor   index-ops once per changed parameter tensor, in a Python loop;
+  precomputed  two put_ on the flat buffer, with `original = w0[idx]` and
                `applied = w0[idx] + values` computed once when the residual enters the cache (the
                base is frozen, so both stay valid): `w[idx] = applied; ...; w[idx] = original`.
 In serving a forward pass runs between apply and restore and streams every weight through the
@@ -40,9 +43,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from bench import common
-from residual_store import BaseSpec, FlatParams, FlatResidual, apply_residual, image_encoder, input_size, restore_residual
+from residual_store import (BaseSpec, FlatParams, FlatResidual, PackedResidual, apply_residual, image_encoder,
+                            input_size, restore_residual)
 from residual_store.flat import ParamLayout
-from residual_store.residual import flat_index_dtype
 
 TARGET = 0.01  # DESIGN.md: a swap must cost under 1% of a forward pass on CPU
 HUGE_PAGE = 2 << 20
@@ -85,10 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def random_residual(numel: int, density: float, gen: torch.Generator) -> FlatResidual:
-    """`density * numel` distinct random positions (sorted, in the server's index dtype) with
-    RST-sized float32 deltas."""
+    """`density * numel` distinct random positions (sorted, int64) with RST-sized float32 deltas."""
     nnz = max(1, round(density * numel))
-    index = common.random_flat_index(numel, nnz, gen).to(flat_index_dtype(numel))
+    index = common.random_flat_index(numel, nnz, gen)
     return FlatResidual(index, torch.randn(nnz, generator=gen) * 1e-5)
 
 
@@ -105,16 +107,33 @@ def split_per_tensor(residual: FlatResidual, layout: ParamLayout, params: dict[s
 
 
 class FlatSwap:
-    """residual_store.swap: one index_select, one index_add_, one index_copy_."""
+    """residual_store.swap (take, put_, put_) from an int64 index, or from the packed form the
+    server's cache holds, unpacked at each apply as the engine does."""
+
+    def __init__(self, buffer_of: Callable[[], torch.Tensor], residual: FlatResidual | PackedResidual):
+        self.buffer_of, self.residual = buffer_of, residual
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.residual.unpack()
+        return flat.index, apply_residual(self.buffer_of(), flat)
+
+    def restore(self, applied: tuple[torch.Tensor, torch.Tensor]) -> None:
+        restore_residual(self.buffer_of(), *applied)
+
+
+class IndexOpsSwap:
+    """The same maths as index_select, index_add_ and index_copy_ on the flat buffer."""
 
     def __init__(self, buffer_of: Callable[[], torch.Tensor], residual: FlatResidual):
         self.buffer_of, self.residual = buffer_of, residual
 
     def apply(self) -> torch.Tensor:
-        return apply_residual(self.buffer_of(), self.residual)
+        saved = self.buffer_of().index_select(0, self.residual.index)
+        self.buffer_of().index_add_(0, self.residual.index, self.residual.values)
+        return saved
 
     def restore(self, saved: torch.Tensor) -> None:
-        restore_residual(self.buffer_of(), self.residual.index, saved)
+        self.buffer_of().index_copy_(0, self.residual.index, saved)
 
 
 class PerTensorSwap:
@@ -135,18 +154,18 @@ class PerTensorSwap:
 
 
 class PrecomputedSwap:
-    """Two index_copy_: w0[idx] and w0[idx] + values computed once, when the residual is cached."""
+    """Two put_: w0[idx] and w0[idx] + values computed once, when the residual is cached."""
 
     def __init__(self, buffer_of: Callable[[], torch.Tensor], residual: FlatResidual):
         self.buffer_of, self.index = buffer_of, residual.index.long()
-        self.original = buffer_of().index_select(0, residual.index)
-        self.applied = self.original + residual.values  # the same fp32 sum index_add_ computes
+        self.original = buffer_of().take(self.index)
+        self.applied = self.original + residual.values  # the same fp32 sum the swap computes
 
     def apply(self) -> None:
-        self.buffer_of().index_copy_(0, self.index, self.applied)
+        self.buffer_of().put_(self.index, self.applied)
 
     def restore(self, _: object) -> None:
-        self.buffer_of().index_copy_(0, self.index, self.original)
+        self.buffer_of().put_(self.index, self.original)
 
 
 def use_huge_pages(flat: FlatParams) -> int:
@@ -178,7 +197,7 @@ class Case:
     nnz: int
     tensors: int  # parameter tensors the residual touches: the per-tensor loop's length
     method: str
-    swap: FlatSwap | PerTensorSwap | PrecomputedSwap
+    swap: FlatSwap | IndexOpsSwap | PerTensorSwap | PrecomputedSwap
     times: list[float] = dataclasses.field(default_factory=list)  # apply + restore, seconds
 
 
@@ -191,8 +210,9 @@ def build_cases(flat: FlatParams, densities: Sequence[float], seed: int, device:
         r = random_residual(flat.layout.numel, density, gen)
         r = FlatResidual(r.index.to(device), r.values.to(device))
         parts = split_per_tensor(r, flat.layout, params)
-        for method, swap in (("flat", FlatSwap(buffer_of, r)), ("per-tensor", PerTensorSwap(parts)),
-                             ("precomputed", PrecomputedSwap(buffer_of, r))):
+        for method, swap in (("packed", FlatSwap(buffer_of, PackedResidual.pack(r))),
+                             ("flat", FlatSwap(buffer_of, r)), ("index-ops", IndexOpsSwap(buffer_of, r)),
+                             ("per-tensor", PerTensorSwap(parts)), ("precomputed", PrecomputedSwap(buffer_of, r))):
             cases.append(Case(density, r.index.numel(), len(parts), method, swap))
     return cases
 

@@ -13,6 +13,7 @@ from residual_store.errors import (
 )
 from residual_store.flat import FlatParams, ParamLayout
 from residual_store.head import CosineHead, TaskHead, build_head
+from residual_store.packed import PackedResidual
 from residual_store.residual import (
     FORMAT,
     FlatResidual,

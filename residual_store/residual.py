@@ -76,30 +76,31 @@ class Residual:
             self.deltas.items(), key=lambda kv: layout[kv[0]].offset)]
         index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
         values = torch.cat(val) if val else torch.zeros(0, dtype=dtype)
-        index = index.to(flat_index_dtype(layout.numel))
         return FlatResidual(index.to(device), values.to(device))
 
     def build_head(self) -> torch.nn.Module:
         return build_head(self.head_type, self.head)
 
 
-def flat_index_dtype(numel: int) -> torch.dtype:
-    """int32 for buffers below 2**31 weights (a ViT-L/14 image encoder has 0.3 G): a cached
-    residual then takes 8 bytes per entry instead of 12, so a third more tasks fit the cache."""
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
 @dataclasses.dataclass(frozen=True)
 class FlatResidual:
-    """A residual as one sorted flat index and its deltas, on the device of the buffer."""
+    """A residual as one sorted flat index and its deltas, on the device of the buffer.
 
-    index: torch.Tensor  # int32 or int64 (flat_index_dtype), strictly increasing flat positions
+    The swap form; a cache keeps residuals as `PackedResidual` (6 bytes per entry, not 12).
+    """
+
+    index: torch.Tensor  # int64 (to_flat; int32 accepted), strictly increasing flat positions
     values: torch.Tensor  # deltas, same dtype as the flat buffer
 
     @property
     def nbytes(self) -> int:
         return self.index.numel() * self.index.element_size() + \
             self.values.numel() * self.values.element_size()
+
+    def unpack(self) -> FlatResidual:
+        """This residual with an int64 index (what the swap ops index with), as
+        `PackedResidual.unpack` gives it."""
+        return self if self.index.dtype == torch.int64 else FlatResidual(self.index.long(), self.values)
 
 
 def extract(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]

@@ -1,7 +1,9 @@
 """Applying a residual to the flat buffer and restoring it exactly.
 
 Restoring copies the saved originals back (no subtraction), so the base weights stay
-bit-identical however many swaps run.
+bit-identical however many swaps run. A residual's flat index has no duplicates (validation
+refuses them), so writing `saved + values` is the same fp32 sum an accumulating add computes;
+take/put_ run in parallel over the index on a CPU, where index_select/index_add_ did not.
 """
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ from residual_store.residual import FlatResidual
 def apply_residual(buffer: torch.Tensor, residual: FlatResidual) -> torch.Tensor:
     """Add the residual's deltas in place and return the originals to restore.
 
-    Semantics: saved = w[idx]; w[idx] += values; return saved
+    Semantics: saved = w[idx]; w[idx] = saved + values; return saved
+    On failure the buffer is left exactly as it was, never half applied.
     """
-    saved = buffer.index_select(0, residual.index)
-    buffer.index_add_(0, residual.index, residual.values)
+    index = residual.index.long()  # put_ takes int64 only; a no-op for an int64 index
+    saved = buffer.take(index)
+    try:
+        buffer.put_(index, saved + residual.values)
+    except BaseException:
+        buffer.put_(index, saved)
+        raise
     return saved
 
 
@@ -27,9 +35,7 @@ def restore_residual(buffer: torch.Tensor, index: torch.Tensor, saved: torch.Ten
 
     Semantics: w[idx] = saved
     """
-    # index_copy_ takes int64 only; widening an int32 index is one sequential pass, cheap next
-    # to the random-access copy (the flat row of bench/swap.py includes it).
-    buffer.index_copy_(0, index.long(), saved)
+    buffer.put_(index.long(), saved)
 
 
 @contextlib.contextmanager

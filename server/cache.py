@@ -16,9 +16,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 from torch import nn
 
-from residual_store import FlatResidual
+from residual_store import PackedResidual, ParamLayout, Residual
 from server.errors import CacheFull
 
 logger = logging.getLogger(__name__)
@@ -28,12 +29,12 @@ Key = tuple[str, str]  # (task, sha256 of the residual blob)
 
 @dataclasses.dataclass(frozen=True)
 class CachedResidual:
-    """One residual ready to swap in: flat deltas and head on the device."""
+    """One residual ready to swap in: packed flat deltas and head on the device."""
 
     task: str
     sha256: str
     version: int
-    flat: FlatResidual  # sorted flat index + deltas over the base's flat buffer
+    flat: PackedResidual  # sorted flat index + deltas over the base's flat buffer, packed
     head: nn.Module  # task head in eval mode, on the device
     classes: tuple[str, ...]
     nnz: int  # changed encoder weights
@@ -49,10 +50,17 @@ def head_nbytes(head: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in head.state_dict().values())
 
 
-def cached_nbytes(flat, head: nn.Module) -> int:
-    """Bytes a residual holds in the cache (flat index + values + head tensors): what
+def resident_form(residual: Residual, layout: ParamLayout, dtype: torch.dtype = torch.float32
+                  ) -> PackedResidual:
+    """What the cache keeps of a residual's deltas (on the host; the loader moves it to the
+    device): one flat index and its values, packed to 6 bytes per entry."""
+    return PackedResidual.pack(residual.to_flat(layout, dtype))
+
+
+def cached_nbytes(flat: PackedResidual, head: nn.Module) -> int:
+    """Bytes a residual holds in the cache (packed index + values + head tensors): what
     --cache-bytes is compared with. For a Residual not loaded yet:
-    cached_nbytes(r.to_flat(layout), r.build_head())."""
+    cached_nbytes(resident_form(r, layout), r.build_head())."""
     return flat.nbytes + head_nbytes(head)
 
 

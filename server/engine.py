@@ -16,8 +16,8 @@ from collections.abc import Hashable
 import torch
 from torch import nn
 
-from residual_store import BaseSpec, FlatParams, FlatResidual, embed_dim, fingerprint, input_size
-from residual_store.swap import restore_residual
+from residual_store import BaseSpec, FlatParams, FlatResidual, PackedResidual, embed_dim, fingerprint, input_size
+from residual_store.swap import apply_residual, restore_residual
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def resolve_device(device: str) -> torch.device:
 @dataclasses.dataclass
 class _Applied:
     key: Hashable  # (task, sha256) of the residual now in the weights
-    index: torch.Tensor  # its flat positions
+    index: torch.Tensor  # its flat positions, int64 (unpacked once, reused by the restore)
     saved: torch.Tensor  # the base values at those positions, copied back on restore
 
 
@@ -96,12 +96,13 @@ class SwapEngine:
         applied = self._applied
         return applied.key if applied else None
 
-    def run(self, key: Hashable, residual: FlatResidual, head: nn.Module,
+    def run(self, key: Hashable, residual: PackedResidual | FlatResidual, head: nn.Module,
             batch: torch.Tensor) -> tuple[torch.Tensor, RunTiming]:
         """Logits of `batch` under base + residual: `head(visual(x))`, on the CPU.
 
         Semantics: if key differs from the applied one: w[idx_old] = saved_old;
-        saved = w[idx]; w[idx] += values. Then logits = head(visual(x)).
+        idx, values = unpack(residual); saved = w[idx]; w[idx] += values.
+        Then logits = head(visual(x)).
         """
         with self._lock:
             t0 = time.perf_counter()
@@ -130,17 +131,11 @@ class SwapEngine:
             self._restore_locked()
             return fingerprint(self.model.visual)
 
-    def _apply_locked(self, key: Hashable, residual: FlatResidual) -> None:
-        # residual_store.swap.apply_residual, inlined to undo a half-applied residual on failure.
-        buffer = self.flat.buffer
+    def _apply_locked(self, key: Hashable, residual: PackedResidual | FlatResidual) -> None:
+        flat = residual.unpack()  # int64 index, kept for the restore: unpacked once per switch
         with torch.no_grad():
-            saved = buffer.index_select(0, residual.index)
-            try:
-                buffer.index_add_(0, residual.index, residual.values)
-            except BaseException:
-                restore_residual(buffer, residual.index, saved)  # never leave half a residual
-                raise
-        self._applied = _Applied(key, residual.index, saved)
+            saved = apply_residual(self.flat.buffer, flat)
+        self._applied = _Applied(key, flat.index, saved)
 
     def _restore_locked(self) -> None:
         applied, self._applied = self._applied, None

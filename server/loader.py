@@ -15,9 +15,9 @@ from collections import OrderedDict
 
 import torch
 
-from residual_store import FlatResidual, Residual, check_compatible, from_bytes
+from residual_store import PackedResidual, Residual, check_compatible, from_bytes
 from residual_store.errors import IntegrityError, ResidualFormatError, ResidualMismatch
-from server.cache import CachedResidual, cached_nbytes
+from server.cache import CachedResidual, cached_nbytes, resident_form
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class HostTier:
 
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
-        self._items: OrderedDict[tuple[str, str], tuple[Residual, FlatResidual]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[Residual, PackedResidual]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -49,7 +49,7 @@ class HostTier:
                 self._items.move_to_end(key)
             return item
 
-    def put(self, key, residual: Residual, flat: FlatResidual) -> None:
+    def put(self, key, residual: Residual, flat: PackedResidual) -> None:
         with self._lock:
             if key in self._items or flat.nbytes > self.capacity_bytes:
                 return
@@ -98,9 +98,9 @@ class ResidualLoader:
         staged = self.host_tier.get(key) if self.host_tier is not None else None
         if staged is None:
             residual = self.fetch(task, version, sha256)
-            host_flat = residual.to_flat(self.engine.layout, self.engine.flat.buffer.dtype, "cpu")
+            host_flat = resident_form(residual, self.engine.layout, self.engine.flat.buffer.dtype)
             if self._stream is not None:
-                host_flat = FlatResidual(host_flat.index.pin_memory(), host_flat.values.pin_memory())
+                host_flat = host_flat.pin_memory()
                 if self.host_tier is not None:  # no host tier when its budget is 0
                     self.host_tier.put(key, residual, host_flat)
         else:
@@ -122,16 +122,15 @@ class ResidualLoader:
         check_compatible(residual, self.engine.layout, self.engine.fingerprint, self.engine.embed_dim)
         return residual
 
-    def _upload(self, residual: Residual, host_flat: FlatResidual):
+    def _upload(self, residual: Residual, host_flat: PackedResidual):
         device = self.engine.device
         head = residual.build_head()
         if self._stream is None:
-            return FlatResidual(host_flat.index.to(device), host_flat.values.to(device)), head.to(device)
+            return host_flat.to(device), head.to(device)
         # A side stream so the copy overlaps the model thread's kernels; synchronise it before
         # the entry becomes visible, since the model thread uses the default stream.
         with torch.cuda.stream(self._stream):
-            flat = FlatResidual(host_flat.index.to(device, non_blocking=True),
-                                host_flat.values.to(device, non_blocking=True))
+            flat = host_flat.to(device, non_blocking=True)
             head = head.to(device, non_blocking=True)
         self._stream.synchronize()
         return flat, head

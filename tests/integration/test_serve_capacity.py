@@ -16,7 +16,7 @@ from residual_store import BaseSpec, to_bytes
 from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
 from residual_store.stores import open_store
-from server.cache import cached_nbytes
+from server.cache import cached_nbytes, resident_form
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 from server.synthetic import image_bytes, random_residual, reference_scores
@@ -44,7 +44,7 @@ def published(tmp_path_factory, base):
         r = random_residual(base, task, ["c0", "c1", "c2"], base_model="uda-tiny-vit", seed=40 + i)
         store.publish(task, to_bytes(r))
         expected[task] = reference_scores(base, r, x)[0]
-        largest = max(largest, cached_nbytes(r.to_flat(layout), r.build_head()))
+        largest = max(largest, cached_nbytes(resident_form(r, layout), r.build_head()))
     return str(root), expected, largest
 
 

@@ -210,21 +210,13 @@ def test_to_flat_maps_parameter_positions_onto_the_buffer(base):
     tuned = random_tuned(base.base_state, names, 0.02, seed=9)
     residual = residual_for(base, tuned)
     flat = residual.to_flat(base.layout)
-    assert flat.index.dtype == torch.int32 and flat.values.dtype == torch.float32
+    assert flat.index.dtype == torch.int64 and flat.values.dtype == torch.float32
     assert bool((flat.index[1:] > flat.index[:-1]).all())  # strictly increasing across parameters
     assert flat.index.numel() == residual.nnz
-    assert flat.nbytes == residual.nnz * (4 + 4)
+    assert flat.nbytes == residual.nnz * (8 + 4)
     for name, (idx, val) in residual.deltas.items():
         positions = base.flat.flat_index(name, idx)
         where = torch.searchsorted(flat.index, positions)
         assert torch.equal(flat.index[where], positions)
         assert torch.equal(flat.values[where], val)
         assert torch.equal(base.flat.buffer[positions], base.base_state[name].view(-1)[idx])
-
-
-def test_flat_index_is_int32_below_two_to_the_31_weights():
-    from residual_store.residual import flat_index_dtype
-
-    assert flat_index_dtype(86_192_640) == torch.int32  # ViT-B-16's image encoder
-    assert flat_index_dtype(2**31 - 1) == torch.int32
-    assert flat_index_dtype(2**31) == torch.int64  # positions past int32's range

@@ -8,6 +8,7 @@ from PIL import Image
 
 from residual_store import BaseSpec
 from residual_store.preprocess import eval_transform
+from server.cache import resident_form
 from server.engine import SwapEngine
 from server.synthetic import image_bytes, random_residual, reference_scores
 
@@ -18,7 +19,7 @@ def test_swaps_are_exact_and_match_the_reference(tiny_model):
     assert engine.fingerprint == engine.fingerprint_now()
     residuals = {t: random_residual(tiny_model, t, ["a", "b", "c", "d"], base_model="uda-tiny-vit",
                                     seed=i + 1) for i, t in enumerate("ABC")}
-    flats = {t: r.to_flat(engine.layout) for t, r in residuals.items()}
+    flats = {t: resident_form(r, engine.layout) for t, r in residuals.items()}  # as the cache holds them
     heads = {t: r.build_head() for t, r in residuals.items()}
     transform = eval_transform(engine.input_size)
     x = torch.stack([transform(Image.open(io.BytesIO(image_bytes(s))).convert("RGB")) for s in range(3)])
