@@ -40,6 +40,10 @@ from residual_store.stores.base import (
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2  # how often events() compares current_versions()
+# list_tasks trusts a task's cached index while index.json keeps its inode, size and mtime, but
+# only once the file was this much older than the read that cached it: a rewrite within one
+# tick of a coarse (1-2 s, NFS/FAT) mtime could otherwise keep all three.
+_STABLE_AFTER_S = 2.0
 _BLOB_RE = re.compile(r"^v(\d{8,})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 _READ_RETRIES = 3  # a blob trimmed between reading the index and opening it: read again
@@ -96,6 +100,10 @@ class DirectoryStore(ResidualStore):
         self.root = Path(root).expanduser().absolute()
         self.keep = keep
         self.url = f"file://{self.root}"
+        # task -> ((inode, size, mtime_ns) of index.json, parsed index). Servers list every task
+        # several times a second; reading and parsing each index every time cost them a
+        # noticeable share of a core (and of the GIL) with hundreds of tasks.
+        self._listed: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.root)!r}, keep={self.keep})"
@@ -214,7 +222,8 @@ class DirectoryStore(ResidualStore):
 
     def _task_names(self) -> list[str]:
         try:
-            names = sorted(os.listdir(self._tasks_dir))
+            with os.scandir(self._tasks_dir) as entries:  # is_symlink() from the listing, no stat
+                names = sorted(e.name for e in entries if not e.is_symlink())
         except FileNotFoundError:
             return []  # a store nobody published to yet has no tasks
         except OSError as e:
@@ -225,15 +234,38 @@ class DirectoryStore(ResidualStore):
                 validate_task_name(name)
             except ResidualStoreError:
                 continue  # temp files, editor droppings: not tasks
-            if not (self._tasks_dir / name).is_symlink():
-                ok.append(name)
+            ok.append(name)
         return ok
+
+    def _listed_index(self, task: str) -> dict[str, Any] | None:
+        """`_read_index` for list_tasks: re-read only when index.json changed since."""
+        file = f"{self.root}/tasks/{task}/index.json"  # a str, not a Path: this is the hot loop
+        try:
+            st = os.stat(file, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read {file}: {e}") from e
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._listed.get(task)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        read_at = time.time()
+        index = self._read_index(self._tasks_dir / task)  # refuses a symlink: none is cached
+        if index is not None and st.st_mtime < read_at - _STABLE_AFTER_S:
+            self._listed[task] = (stamp, index)
+        else:
+            self._listed.pop(task, None)
+        return index
 
     def list_tasks(self) -> list[TaskInfo]:
         out = []
-        for task in self._task_names():
+        names = self._task_names()
+        for task in set(self._listed) - set(names):
+            self._listed.pop(task, None)
+        for task in names:
             try:
-                index = self._read_index(self._tasks_dir / task)
+                index = self._listed_index(task)
                 if not index or index.get("current") is None:
                     continue  # deleted, or never finished its first publish
                 cur = index["current"]

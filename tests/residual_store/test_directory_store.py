@@ -126,3 +126,55 @@ def test_concurrent_publishers_from_threads(dir_store, blob_factory):
     assert sorted(got) == list(range(1, 41))
     assert dir_store.info("Ar2Cl").version == 40
     assert len(list((dir_store.root / "tasks" / "Ar2Cl").glob("v*.safetensors"))) == 5
+
+
+def _age(path, seconds: float = 10.0) -> int:
+    """Backdate a file's mtime, as if written `seconds` ago; returns the new mtime_ns."""
+    mtime_ns = os.stat(path).st_mtime_ns - int(seconds * 1e9)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return mtime_ns
+
+
+def _counting_reads(store, monkeypatch) -> list[str]:
+    reads: list[str] = []
+    read = store._read_index
+    monkeypatch.setattr(store, "_read_index", lambda path: reads.append(path.name) or read(path))
+    return reads
+
+
+def test_listing_rereads_only_changed_indexes(dir_store, blob_factory, monkeypatch):
+    """Servers list every task several times a second: unchanged indexes are not parsed again,
+    and a publish (a new index.json file) is seen at once."""
+    for task in ("Ar2Cl", "Pr2Rw"):
+        dir_store.publish(task, blob_factory(task))
+        _age(dir_store.root / "tasks" / task / "index.json")
+    reads = _counting_reads(dir_store, monkeypatch)
+    assert {t.task: t.current.version for t in dir_store.list_tasks()} == {"Ar2Cl": 1, "Pr2Rw": 1}
+    assert sorted(reads) == ["Ar2Cl", "Pr2Rw"]
+    dir_store.list_tasks()
+    assert len(reads) == 2  # nothing changed: nothing re-read
+    dir_store.publish("Ar2Cl", blob_factory("Ar2Cl", seed=1))
+    reads.clear()  # the publish read the index under its lock
+    assert dir_store.current_versions()["Ar2Cl"][0] == 2
+    assert reads == ["Ar2Cl"]
+    dir_store.delete("Pr2Rw")
+    assert [t.task for t in dir_store.list_tasks()] == ["Ar2Cl"]
+
+
+def test_an_index_fresh_when_read_is_never_trusted_from_the_cache(dir_store, blob_factory):
+    """Coarse mtimes (NFS, FAT) can leave a rewrite with the same inode, size and mtime; an index
+    read within two seconds of its mtime is therefore read again next time ("racy git")."""
+    dir_store.publish("Ar2Cl", blob_factory())
+    index_file = dir_store.root / "tasks" / "Ar2Cl" / "index.json"
+    assert dir_store.current_versions()["Ar2Cl"][0] == 1
+    before = os.stat(index_file)
+    text = index_file.read_text()
+    index = json.loads(text)
+    index["versions"]["1"]["sha256"] = "f" * 64  # same length: same size, rewritten in place
+    with open(index_file, "r+") as f:
+        f.write(json.dumps(index, indent=1, sort_keys=True))
+    os.utime(index_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(index_file)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size,
+                                                                before.st_mtime_ns)
+    assert dir_store.current_versions()["Ar2Cl"][1] == "f" * 64
