@@ -25,18 +25,17 @@ machine hits both sides of the ratio alike; medians are reported. The weights ar
 bit-identical to the base after every round.
 
 Flags: --model NAME, --densities F [F ...], --swap-runs N (per row), --forward-runs N,
---threads N (torch intra-op threads; default torch's choice), --device cpu|cuda, --huge-pages
-(Linux: back the flat buffer with transparent huge pages), --flush-mib N, --seed N, --quick.
+--threads N (torch intra-op threads; default torch's choice), --device cpu|cuda, --small-pages
+(keep the flat buffer off transparent huge pages, which FlatParams uses on Linux CPUs as the
+server does), --flush-mib N, --seed N, --quick.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -48,8 +47,6 @@ from residual_store import (BaseSpec, FlatParams, FlatResidual, PackedResidual, 
 from residual_store.flat import ParamLayout
 
 TARGET = 0.01  # DESIGN.md: a swap must cost under 1% of a forward pass on CPU
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,8 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--forward-runs", type=int, default=10, help="timed forward passes (= rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="back the flat buffer with transparent huge pages (Linux, CPU)")
+    parser.add_argument("--small-pages", action="store_true",
+                        help="flat buffer on normal 4 KiB pages (default: huge pages where Linux offers them)")
     parser.add_argument("--flush-mib", type=int, default=None,
                         help="scratch MiB read to flush the caches before apply and before restore "
                              "(default 128, 8 with --quick; 0: warm caches)")
@@ -168,29 +165,6 @@ class PrecomputedSwap:
         self.buffer_of().put_(self.index, self.original)
 
 
-def use_huge_pages(flat: FlatParams) -> int:
-    """Move the flat buffer into memory advised for transparent huge pages and rebind the
-    parameters to it; random positions then cost far fewer TLB misses. Returns the bytes advised."""
-    if sys.platform != "linux" or flat.buffer.device.type != "cpu":
-        raise SystemExit("--huge-pages needs Linux and --device cpu")
-    old, size = flat.buffer, flat.buffer.element_size()
-    # whole huge pages from an aligned start; fresh from the allocator, so no page is touched yet
-    raw = torch.empty(old.numel() + 2 * HUGE_PAGE // size, dtype=old.dtype)
-    skip = (-raw.data_ptr() % HUGE_PAGE) // size
-    buffer = raw[skip:skip + old.numel()]
-    length = -(-old.numel() * size // HUGE_PAGE) * HUGE_PAGE
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(length), MADV_HUGEPAGE) != 0:
-        raise SystemExit(f"madvise(MADV_HUGEPAGE) failed: errno {ctypes.get_errno()}")
-    buffer.copy_(old)
-    with torch.no_grad():
-        for (_, p), slot in zip(flat.encoder.named_parameters(), flat.layout.slots):
-            p.data = buffer[slot.offset:slot.offset + slot.numel].view(slot.shape)
-    flat.buffer = buffer
-    flat.check()
-    return length
-
-
 @dataclasses.dataclass
 class Case:
     density: float
@@ -276,8 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     model = BaseSpec(args.model).build(device)
-    flat = FlatParams(image_encoder(model))
-    advised = use_huge_pages(flat) if args.huge_pages else 0
+    flat = FlatParams(image_encoder(model), huge_pages=False if args.small_pages else None)
     reference = flat.buffer.clone()
     size = input_size(model)
     image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -295,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"fp32, torch {torch.__version__}")
     if device.type == "cpu":  # other work on the machine skews both sides of the ratio
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; flat buffer "
-              + (f"advised for huge pages ({advised / 2**20:.0f} MiB)" if advised else "in normal pages"))
+              + ("advised for transparent huge pages" if flat.huge_pages else "in normal pages"))
     print(f"forward pass, 1 image {size}x{size}: median {_format_time(forward)} of {len(forward_times)}")
     print(f"apply+restore: median of {len(cases[0].times)} runs per row, interleaved with the forward passes, "
           + (f"caches flushed ({args.flush_mib} MiB read) before apply and before restore"

@@ -22,6 +22,7 @@ from residual_store import (
     input_size,
 )
 from residual_store.base import MODEL_CONFIG_DIR, register_model_configs
+from residual_store.flat import HUGE_PAGE, huge_pages_available
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,38 @@ def test_flattening_refuses_mixed_dtypes_and_empty_encoders():
         FlatParams(encoder)
     with pytest.raises(ValueError, match="image encoder has no parameters"):
         FlatParams(torch.nn.ReLU())
+
+
+def _vma_flags(address: int) -> dict[str, str]:
+    """The /proc/self/smaps entries of the mapping that holds `address`."""
+    fields, inside = {}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="this kernel offers no transparent huge pages")
+def test_a_large_cpu_buffer_is_advised_for_huge_pages():
+    encoder = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))  # 8 MiB
+    reference = [p.detach().clone() for p in encoder.parameters()]
+    flat = FlatParams(encoder)
+    assert flat.huge_pages and flat.buffer.data_ptr() % HUGE_PAGE == 0
+    assert _vma_flags(flat.buffer.data_ptr()).get("THPeligible") == "1"
+    flat.check()
+    assert all(torch.equal(p, r) for p, r in zip(encoder.parameters(), reference))
+    x = torch.randn(3, 1024)
+    assert torch.equal(encoder(x), FlatParams(encoder, huge_pages=False).encoder(x))
+
+
+def test_huge_pages_only_where_they_apply():
+    small = FlatParams(torch.nn.Linear(8, 8))  # under one huge page: not worth one
+    assert not small.huge_pages
+    assert not FlatParams(torch.nn.Linear(1024, 1024), huge_pages=False).huge_pages
+    with pytest.raises(ValueError, match="huge pages apply to CPU buffers"):
+        FlatParams(torch.nn.Linear(2, 2, device="meta"), huge_pages=True)
