@@ -245,7 +245,7 @@ def run(cfg: ScaleConfig, checkpoint=None) -> dict:
 def table(payload: dict) -> str:
     headers = ["density", "store", "tasks", "blob (median)", "server RSS", "RSS over base",
                "RSS / task", "tensors / task", "device mem over base", "cold load p50 ms",
-               "cold load p99 ms", "stages p50 ms (get/sha/parse/check/flat/head)"]
+               "cold load p99 ms", "stages p50 ms (get/sha/parse/check/pack/head)"]
     body = []
     for r in payload["rows"]:
         st = r["stage_p50_ms"]
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.scale: error: {e}", file=sys.stderr)
         return 2
     print(f"Scale: {cfg.model} base ({payload['encoder_params'] / 1e6:.1f} M encoder weights, random init) "
-          f"served on {cfg.device}; every published task loaded and kept resident (flat index + values + "
+          f"served on {cfg.device}; every published task loaded and kept resident (packed flat index + values + "
           f"head); Redis capped at {cfg.redis_max_tasks} tasks"
           + ("; loaded IN-PROCESS: the RSS includes the publisher's memory" if cfg.in_process else ""))
     print(common.machine_line(payload["machine"]))

@@ -1,10 +1,10 @@
-"""Keeps bench/swap.py from rotting: its quick mode runs end to end and prints its table."""
+"""Keeps bench/swap.py and bench/batch_cost.py from rotting: their quick modes run end to end
+and print their tables."""
 from __future__ import annotations
-
 
 import pytest
 
-from bench import swap
+from bench import batch_cost, swap
 
 FAST = ["--quick", "--threads", "1", "--swap-runs", "3", "--forward-runs", "1"]
 
@@ -24,7 +24,7 @@ def test_swap_bench_quick_runs_and_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "uda-tiny-vit image encoder" in out
     for density in ("0.10%", "0.50%"):
-        for method in ("flat", "per-tensor", "precomputed"):
+        for method in ("packed", "flat", "index-ops", "per-tensor", "precomputed"):
             assert any(density in line and f" {method} " in line for line in out.splitlines()), (density, method)
     assert "weights bit-identical to the base after every round: yes" in out
 
@@ -52,3 +52,16 @@ def test_serve_load_quick_runs_against_a_live_server(capsys):
     assert "tasks preloaded" in out
     rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
+
+
+def test_batch_cost_quick_runs_and_prints_its_tables(capsys):
+    assert batch_cost.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch | forward ms / image | vs batch 4 |" in out
+    assert "matrix products ms / image" in out
+    assert "17 (1 image)" in out and "68 (4 images)" in out  # 4x4 patches + class token, per image
+
+
+def test_batch_cost_refuses_a_resnet(capsys):
+    with pytest.raises(SystemExit, match="measures ViT image encoders"):
+        batch_cost.main(["--quick", "--model", "uda-tiny-rn"])
