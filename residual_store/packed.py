@@ -1,7 +1,7 @@
 """A flat residual packed for residence in a cache: 6 bytes per entry instead of 8.
 
 A server holds hundreds of residuals and applies one at a time, so the resident form trades a
-decode at each task switch (about 0.5 ms for 431 k entries on one CPU core, microseconds on a
+decode at each task switch (about 1 ms for 431 k entries on a 2-core CPU, microseconds on a
 GPU) for a quarter less memory per task. The flat positions are sorted, so the entries of each
 2**16-weight block form one run: the block's start is stored once per block (as the jump from
 the previous block's start, at the run's first entry) and each entry keeps only its 16 low bits,
