@@ -129,18 +129,19 @@ class FlatParams:
     def _allocate(numel: int, dtype: torch.dtype, device: torch.device,
                   huge_pages: bool | None) -> tuple[torch.Tensor, bool]:
         """(buffer, whether it is advised for huge pages)."""
-        if huge_pages is None:
+        asked = huge_pages is not None
+        if not asked:
             big = numel * torch.empty(0, dtype=dtype).element_size() >= HUGE_PAGE
-            if device.type == "cpu" and big and huge_pages_available():
-                try:
-                    return huge_page_buffer(numel, dtype), True
-                except OSError as e:  # an optimisation only: small pages work, just slower
-                    logger.info("flat buffer on normal pages: %s", e)
-            huge_pages = False
+            huge_pages = device.type == "cpu" and big and huge_pages_available()
         if huge_pages:
             if device.type != "cpu":
                 raise ValueError(f"huge pages apply to CPU buffers, not {device}")
-            return huge_page_buffer(numel, dtype), True
+            try:
+                return huge_page_buffer(numel, dtype), True
+            except OSError as e:
+                if asked:
+                    raise
+                logger.info("flat buffer on normal pages: %s", e)  # only slower, still correct
         return torch.empty(numel, dtype=dtype, device=device), False
 
     def check(self) -> None:

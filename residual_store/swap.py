@@ -20,7 +20,7 @@ def apply_residual(buffer: torch.Tensor, residual: FlatResidual) -> torch.Tensor
     Semantics: saved = w[idx]; w[idx] = saved + values; return saved
     On failure the buffer is left exactly as it was, never half applied.
     """
-    index = residual.index.long()  # put_ takes int64 only; a no-op for an int64 index
+    index = residual.unpack().index  # put_ takes int64 only
     saved = buffer.take(index)
     try:
         buffer.put_(index, saved + residual.values)
