@@ -171,6 +171,7 @@ class LoraPeer:
         self.model = get_peft_model(self.visual, self._config(), adapter_name=tasks[0].name)
         for t in tasks[1:]:
             self.model.add_adapter(t.name, self._config())
+            common.release_free_heap()
         self.model.to(self.device).eval().requires_grad_(False)
         self.model.set_adapter(tasks[0].name)
         self.active = tasks[0].name
@@ -231,8 +232,10 @@ def _fast_random_mask(base_layer: nn.Module, r: int, **kwargs) -> torch.Tensor:
     weight = base_layer.weight
     out_f, in_f = weight.shape
     flat = common.random_flat_index(out_f * in_f, r * (out_f + in_f), _mask_generator)
-    mask = torch.zeros(out_f * in_f, dtype=weight.dtype)
-    mask[flat] = 1
+    # bool, not the weight's dtype: peft only tests `mask == 1.0`, and a float mask is 4x the
+    # temporary memory per layer
+    mask = torch.zeros(out_f * in_f, dtype=torch.bool)
+    mask[flat] = True
     return mask.view(out_f, in_f).to(weight.device)
 
 

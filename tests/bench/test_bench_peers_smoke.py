@@ -6,6 +6,7 @@ structure and exactness are asserted, never timings.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -66,6 +67,20 @@ def test_random_residual_is_a_valid_file_at_the_asked_density(tiny):
     values = torch.cat([v for _, v in back.deltas.values()]).abs()
     assert float(values.min()) >= 1e-6 * (1 - 1e-6) and float(values.max()) <= 1e-5 * (1 + 1e-6)
     assert back.build_head()(torch.randn(2, 64)).shape == (2, common.DEFAULT_CLASSES)
+
+
+def test_shira_mask_has_peft_s_size_and_peft_accepts_it():
+    from peft import ShiraConfig, get_peft_model
+
+    layer = torch.nn.Linear(48, 32)
+    mask = peers._fast_random_mask(layer, r=2)
+    assert mask.dtype == torch.bool and mask.shape == (32, 48)
+    assert int(mask.sum()) == 2 * (48 + 32)  # r * (in + out), PEFT's own count
+    config = ShiraConfig(r=2, target_modules=["fc"], init_weights=False)
+    config.mask_fn = peers._fast_random_mask
+    model = get_peft_model(torch.nn.Sequential(collections.OrderedDict(fc=layer)), config)
+    indices = model.base_model.model.fc.shira_indices["default"]
+    assert indices.shape == (2, 2 * (48 + 32))
 
 
 def test_peer_groups_keep_lora_modes_together():
