@@ -5,7 +5,7 @@
 
 The server batches requests by task, so with hundreds of tasks most batches hold one image
 (bench/serve_load.py). This prints, for the image encoder alone (no server, no swaps):
-  1. forward time per image at each --batch-sizes, the median of --runs passes;
+  1. forward time per image at each --batch-sizes, the median of --runs interleaved passes;
   2. where the difference goes: per image, the self time of the matrix products (aten::addmm,
      aten::mm) against everything else, from torch.profiler, at the smallest and largest batch;
   3. one MLP-sized product (tokens x width @ width x 4 width) per row, through torch.addmm and
@@ -50,15 +50,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def per_image_ms(encoder, batch: int, size: int, runs: int) -> float:
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-    encoder(x)  # warm-up
-    times = []
+def per_image_ms(encoder, batch_sizes: Sequence[int], size: int, runs: int) -> dict[int, float]:
+    """Median forward ms per image at each batch size, the sizes interleaved within each run.
+
+    Round-robin rather than one size after another: this VM's speed drifts by 10-20% within
+    minutes, and the first passes after the model is built run slow (one was 443 ms/image where
+    the steady state is 247); interleaving spreads both over every batch size alike.
+    """
+    xs = {b: torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)) for b in batch_sizes}
+    for x in xs.values():
+        encoder(x)  # warm-up
+    times: dict[int, list[float]] = {b: [] for b in batch_sizes}
     for _ in range(runs):
-        started = time.perf_counter()
-        encoder(x)
-        times.append(time.perf_counter() - started)
-    return 1e3 * statistics.median(times) / batch
+        for b, x in xs.items():
+            started = time.perf_counter()
+            encoder(x)
+            times[b].append(time.perf_counter() - started)
+    return {b: 1e3 * statistics.median(t) / b for b, t in times.items()}
 
 
 def gemm_share_ms(encoder, batch: int, size: int, runs: int) -> tuple[float, float]:
@@ -121,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = common.machine_info(torch.device("cpu"))
     small, large = args.batch_sizes[0], args.batch_sizes[-1]
     with torch.inference_mode():
-        forward = {b: per_image_ms(encoder, b, size, args.runs) for b in args.batch_sizes}
+        forward = per_image_ms(encoder, args.batch_sizes, size, args.runs)
         shares = {b: gemm_share_ms(encoder, b, size, max(1, args.runs // 2)) for b in (small, large)}
         width, tokens = vit_width_and_tokens(encoder)
         gemm = {b: mlp_gemm_us_per_row(b * tokens, width, args.runs * 4) for b in (small, large)}
