@@ -178,19 +178,26 @@ class Catalog:
                            self.store.url, len(self._tasks))
 
     def catch_up(self, task: str) -> bool:
-        """Move `task` to the store's current version now; True when that changed what is served.
+        """Move `task` towards the store's current version now; True when a newer version than
+        the one served before the call is served or staging (loading) now.
 
         For a served version the store no longer retains (trimmed by newer publishes before this
-        server loaded it): the requests waiting for it should get the newer one, not a 503.
+        server loaded it): the requests waiting for it should get the newer one, not a 503. The
+        newer one may already be staging through the event follower or the reconcile loop; then
+        the requests wait for that load instead of failing.
         """
         served = self.get(task)
+        if served is None:
+            return False
         try:
             info = self.store.info(task)
         except (ResidualStoreError, OSError):
             return False
         self.consider(task, info.version, info.sha256, info=info)
-        now = self.get(task)
-        return now is not None and served is not None and now.version > served.version
+        with self._lock:
+            now = self._tasks.get(task)
+            staging = self._staging.get(task, -1)
+        return now is not None and max(now.version, staging) > served.version
 
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""

@@ -119,12 +119,14 @@ class ModelWorker:
             if future is None or (future.done() and future.exception() is None):
                 self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
             elif future.done():
-                del self._loads[tv.key]
                 error = future.exception()
                 # A version trimmed by newer publishes before it was loaded: serve the newest
-                # (one store read on this thread, only on that rare path).
+                # (one store read on this thread, only on that rare path). While the newest is
+                # still staging, the failed future stays put so the trimmed version is not
+                # fetched again; the requests wait (bounded by --request-timeout).
                 if isinstance(error, UnknownTask) and self.catalog.catch_up(task):
                     continue
+                del self._loads[tv.key]
                 self._fail_task(task, self._unavailable(tv, error))
         return ready
 
@@ -143,7 +145,8 @@ class ModelWorker:
 
     def _run(self, ready: tuple, requests: list[PendingRequest]) -> None:
         tv, entry = ready
-        self._loads.pop(tv.key, None)
+        for key in [k for k in self._loads if k[0] == tv.task]:  # this one's, and any superseded
+            del self._loads[key]
         self.cache.get(entry.key)  # mark most recently used
         if self.metrics is not None:
             self.metrics.cache_hit()
