@@ -189,6 +189,9 @@ class Catalog:
         served = self.get(task)
         if served is None:
             return False
+        with self._lock:
+            if self._staging.get(task, -1) > served.version:
+                return True  # the model thread asks on every wake-up meanwhile: no store read
         try:
             info = self.store.info(task)
         except (ResidualStoreError, OSError):
