@@ -30,6 +30,7 @@ def test_demo_publishes_two_tasks_then_does_nothing(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(demo, "DEMO_FLAGS", tuple(flags))
     store = tmp_path / "store"
     assert demo.main(["--store", str(store)]) == 0
+    assert "not the method" in capsys.readouterr().out  # a user is told why answers look random
     assert sorted(t.task for t in open_store(str(store)).list_tasks()) == ["photo2sketch", "sketch2photo"]
     assert demo.main(["--store", str(store)]) == 0
     assert "already has 2 task(s)" in capsys.readouterr().out
