@@ -189,18 +189,20 @@ class Catalog:
         served = self.get(task)
         if served is None:
             return False
-        with self._lock:
-            if self._staging.get(task, -1) > served.version:
-                return True  # the model thread asks on every wake-up meanwhile: no store read
+        if self._ahead_of(task, served.version):
+            return True  # the model thread asks on every wake-up meanwhile: no store read
         try:
             info = self.store.info(task)
         except (ResidualStoreError, OSError):
             return False
         self.consider(task, info.version, info.sha256, info=info)
+        return self._ahead_of(task, served.version)
+
+    def _ahead_of(self, task: str, version: int) -> bool:
+        """True when `task` is served or staging at a version newer than `version`."""
         with self._lock:
             now = self._tasks.get(task)
-            staging = self._staging.get(task, -1)
-        return now is not None and max(now.version, staging) > served.version
+            return now is not None and max(now.version, self._staging.get(task, -1)) > version
 
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""
