@@ -125,13 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.set_threads(args.threads)
     model = BaseSpec(args.model).build().eval()
     encoder, size = image_encoder(model), input_size(model)
-    vit_width_and_tokens(encoder)  # refuse a ResNet before timing anything
+    width, tokens = vit_width_and_tokens(encoder)  # refuses a ResNet before timing anything
     info = common.machine_info(torch.device("cpu"))
     small, large = args.batch_sizes[0], args.batch_sizes[-1]
     with torch.inference_mode():
         forward = per_image_ms(encoder, args.batch_sizes, size, args.runs)
         shares = {b: gemm_share_ms(encoder, b, size, max(1, args.runs // 2)) for b in (small, large)}
-        width, tokens = vit_width_and_tokens(encoder)
         gemm = {b: mlp_gemm_us_per_row(b * tokens, width, args.runs * 4) for b in (small, large)}
 
     print(f"batch cost: {args.model} image encoder, {size}x{size}, CPU, seeded random weights")
