@@ -192,9 +192,12 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     @app.get("/admin/fingerprint", dependencies=[Depends(admin)], responses=_ADMIN_ERRORS)
     async def admin_fingerprint():
         """The base weights' sha256 now (any applied residual removed first) vs. at start."""
-        now = await runtime.fingerprint_now()
-        return {"fingerprint": now, "expected": runtime.engine.fingerprint,
-                "unchanged": now == runtime.engine.fingerprint,
-                "batches": runtime.worker.batches, "swaps": runtime.worker.swaps}
+        streams = await runtime.fingerprints_now()
+        expected = runtime.engine.fingerprint
+        changed = [fp for fp in streams if fp != expected]
+        return {"fingerprint": changed[0] if changed else expected, "expected": expected,
+                "unchanged": not changed, "streams": streams,
+                "batches": sum(w.batches for w in runtime.workers),
+                "swaps": sum(w.swaps for w in runtime.workers)}
 
     return app

@@ -5,6 +5,11 @@ waited longest, taking up to `max_batch` images of that task's requests in arriv
 task whose residual is applied right now is preferred (no swap needed) only while no other
 ready task's oldest request has waited more than `max_wait_s` longer than the applied task's
 oldest request. So a flood of one task delays another by at most `max_wait_s` plus one batch.
+With `streams` model threads taking from one batcher, a batch holds at most its thread's share of
+all queued images, ceil(queued / streams): one thread must not take a whole one-task queue into
+a long one-thread forward pass while another idles and the requests at its end wait. The share
+counts every task's images, so with many tasks a task's few requests still go in one batch
+(splitting them would make both threads swap to it).
 
 The queue is bounded in total (QueueFull -> 429). Thread-safe: the event loop submits, the
 model thread picks; both under one Condition that also wakes the model thread.
@@ -44,8 +49,9 @@ class Batcher:
 
     def __init__(self, max_batch: int, max_wait_s: float, max_queue: int,
                  clock: Callable[[], float] = time.monotonic,
-                 on_depth: Callable[[int], None] | None = None):
+                 on_depth: Callable[[int], None] | None = None, streams: int = 1):
         self.max_batch = max_batch
+        self.streams = streams
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.clock = clock
@@ -115,8 +121,12 @@ class Batcher:
 
     def _take(self, task: str) -> list[PendingRequest]:
         q = self._queues[task]
+        limit = self.max_batch
+        if self.streams > 1:
+            queued = sum(r.n for other in self._queues.values() for r in other)
+            limit = min(limit, -(-queued // self.streams))
         batch, images = [], 0
-        while q and (not batch or images + q[0].n <= self.max_batch):
+        while q and (not batch or images + q[0].n <= limit):
             request = q.popleft()
             batch.append(request)
             images += request.n

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", default="20MiB", help="largest upload per image (413 beyond)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest width*height (413 beyond)")
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="image decoding threads")
+    p.add_argument("--streams", type=int, default=d.streams,
+                   help="model threads on a CPU, each with its own copy of the base and "
+                        "cores/streams torch threads: 2 on a 2-core machine trades the latency of "
+                        "a lone request for throughput, at any number of tasks")
     p.add_argument("--reconcile-interval", type=float, default=d.reconcile_interval,
                    help="seconds between version checks with the store")
     p.add_argument("--grace-period", type=float, default=d.grace_period,
@@ -92,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         pin=parse_tasks(args.pin), host=host, port=port,
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
         log_level=args.log_level, max_image_pixels=args.max_image_pixels,
-        decode_workers=args.decode_workers, reconcile_interval=args.reconcile_interval,
+        decode_workers=args.decode_workers, streams=args.streams,
+        reconcile_interval=args.reconcile_interval,
         grace_period=args.grace_period, **sizes)
     try:
         config = ServeConfig(**kwargs)
@@ -154,6 +159,7 @@ def _print_banner(runtime) -> None:
     lines = [
         f"uda-serve: base {engine.spec.model}/{engine.spec.pretrained_label} on {engine.device}",
         f"  fingerprint {engine.fingerprint}",
+        f"  {len(runtime.engines)} model stream(s) x {runtime.threads_per_stream} torch thread(s)",
         f"  store {runtime.store.url}: {len(tasks)} task(s){': ' + names if names else ''}",
     ]
     if runtime.catalog.store_error:

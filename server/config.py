@@ -62,6 +62,7 @@ class ServeConfig:
     max_image_bytes: int = 20 << 20  # largest accepted upload per image (413 beyond)
     max_image_pixels: int = 40_000_000  # largest width*height accepted (decompression bombs: 413)
     decode_workers: int = 4  # threads decoding and preprocessing images off the model thread
+    streams: int = 1  # model threads, each with its own copy of the base (CPU only when > 1)
     reconcile_interval: float = 1.0  # seconds between version checks with the store
     grace_period: float = 30.0  # seconds SIGTERM waits for queued requests before exiting
 
@@ -91,6 +92,7 @@ class ServeConfig:
         need(self.max_image_bytes >= 1024, f"--max-image-bytes {self.max_image_bytes} must be >= 1024")
         need(self.max_image_pixels >= 1, f"--max-image-pixels {self.max_image_pixels} must be >= 1")
         need(1 <= self.decode_workers <= 256, f"--decode-workers {self.decode_workers} must be in 1..256")
+        need(1 <= self.streams <= 64, f"--streams {self.streams} must be in 1..64")
         need(0.05 <= self.reconcile_interval <= 60,
              f"--reconcile-interval {self.reconcile_interval} must be in 0.05..60 seconds")
         need(0 <= self.grace_period <= 3600, f"--grace-period {self.grace_period} must be in 0..3600 seconds")

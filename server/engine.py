@@ -1,12 +1,16 @@
 """The swap engine: one frozen base on the device, residuals applied onto its flat buffer.
 
-Only the model thread calls `run`; `fingerprint_now` (tests, admin) takes the same lock, so it
+Only the engine's model thread calls `run`; `fingerprint_now` (tests, admin) takes the same lock, so it
 never reads weights halfway through a swap. The applied residual stays applied between batches
 of the same (task, sha256), so a stream of one task costs no swaps; switching tasks restores the
 originals exactly (copy back, no subtraction) before applying the next residual.
+
+`replica()` gives a second engine over its own copy of the base, for a second model thread
+(`--streams`): each engine has its own weights to swap, so threads never share a swap.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
@@ -86,6 +90,24 @@ class SwapEngine:
         self.model, self.flat = model, flat
         logger.info("base %s/%s on %s, fingerprint %s, %d encoder weights", self.spec.model,
                     self.spec.pretrained_label, self.device, self.fingerprint[:12], flat.layout.numel)
+
+    def replica(self) -> SwapEngine:
+        """A set-up engine over a deep copy of this base: the same weights bit for bit (checked
+        by fingerprint), its own flat buffer, its own applied residual and lock."""
+        if not self.ready:
+            raise RuntimeError("setup() the engine before making replicas of it")
+        with self._lock:
+            self._restore_locked()
+            model = copy.deepcopy(self.model)
+        twin = SwapEngine(self.spec, self.requested_device)
+        twin.device, twin.embed_dim, twin.input_size = self.device, self.embed_dim, self.input_size
+        twin.flat = FlatParams(model.visual)  # the copy's parameters, rebound to a fresh buffer
+        twin.model = model
+        twin.fingerprint = fingerprint(model.visual)
+        if twin.fingerprint != self.fingerprint:
+            raise RuntimeError(f"replica's base fingerprint {twin.fingerprint[:12]} differs from "
+                               f"{self.fingerprint[:12]}: the copy did not reproduce the weights")
+        return twin
 
     @property
     def layout(self):

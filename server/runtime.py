@@ -1,14 +1,21 @@
-"""One serving process assembled: store, engine, cache, catalog, batcher, model thread, decoder.
+"""One serving process assembled: store, engines, cache, catalog, batcher, model threads, decoder.
 
 `start()` does the heavy work (building the base, listing the store, preloading); nothing heavy
 happens in `__init__`. The HTTP layer (app.py) calls the async operations here and translates
 their domain exceptions at its edge.
+
+With `--streams N` (CPU only) N model threads share the batcher, the cache and the catalog, each
+with its own engine (a replica of the base) and cores/N torch threads. A one-image forward pass
+on two threads leaves much of the second core idle; two one-thread streams keep both busy at
+any batch size, which is what hundreds of tasks with one queued image each need.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from typing import Any
+
+import torch
 
 from residual_store import BaseSpec
 from residual_store.errors import StoreUnavailable
@@ -17,7 +24,7 @@ from server.batcher import Batcher, PendingRequest
 from server.cache import ResidualCache
 from server.catalog import Catalog, TaskVersion
 from server.config import ServeConfig
-from server.engine import SwapEngine
+from server.engine import SwapEngine, resolve_device
 from server.errors import Conflict, ImageRejected, NotReady, RequestTimeout
 from server.images import ImageDecoder
 from server.loader import ResidualLoader
@@ -37,10 +44,13 @@ class ServeRuntime:
         self.metrics = Metrics()
         self.store = open_store(config.store)
         self.engine = SwapEngine(BaseSpec(config.model, config.pretrained), config.device)
+        self.engines: list[SwapEngine] = [self.engine]  # + replicas with --streams
+        self.threads_per_stream = torch.get_num_threads()
+        self._threads_before: int | None = None  # torch's setting, put back by stop()
         self.cache: ResidualCache | None = None
         self.catalog: Catalog | None = None
         self.batcher: Batcher | None = None
-        self.worker: ModelWorker | None = None
+        self.workers: list[ModelWorker] = []
         self.decoder: ImageDecoder | None = None
         self.started = False
         self.stopped = False
@@ -49,11 +59,17 @@ class ServeRuntime:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Build the base, follow the store, preload and pin, start the model thread."""
+        """Build the base (and its replicas), follow the store, preload and pin, start the model
+        threads."""
         cfg = self.config
+        if cfg.streams > 1 and resolve_device(cfg.device).type != "cpu":
+            raise ValueError(f"--streams {cfg.streams} is for CPUs; on {cfg.device} one model thread "
+                             "keeps the accelerator busy: use --streams 1")
         self.engine.setup()
+        self._split_threads(cfg.streams)
+        self.engines += [self.engine.replica() for _ in range(cfg.streams - 1)]
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_s, cfg.max_queue,
-                               on_depth=self.metrics.queue)
+                               on_depth=self.metrics.queue, streams=cfg.streams)
         self.metrics.capacity(cfg.max_queue)
         loader = ResidualLoader(self.store, self.engine, self.metrics, host_tier_bytes=cfg.cache_bytes)
         self.cache = ResidualCache(cfg.cache_bytes, loader, metrics=self.metrics,
@@ -65,11 +81,25 @@ class ServeRuntime:
                                verify=loader.verify)
         self.decoder = ImageDecoder(self.engine.input_size, cfg.max_image_bytes,
                                     cfg.max_image_pixels, cfg.decode_workers)
-        self.worker = ModelWorker(self.engine, self.cache, self.catalog, self.batcher, self.metrics)
+        self.workers = [ModelWorker(engine, self.cache, self.catalog, self.batcher, self.metrics,
+                                    name=f"uda-model-{i}") for i, engine in enumerate(self.engines)]
         self.catalog.start()
         self._preload()
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         self.started = True
+
+    def _split_threads(self, streams: int) -> None:
+        """cores/streams torch threads per model thread (torch's setting is per process)."""
+        if streams == 1:
+            return
+        self._threads_before = torch.get_num_threads()
+        self.threads_per_stream = max(1, self._threads_before // streams)
+        if streams > self._threads_before:
+            logger.warning("--streams %d is more than the %d cores torch uses: streams will share "
+                           "cores and each forward pass gets slower", streams, self._threads_before)
+        torch.set_num_threads(self.threads_per_stream)
+        logger.info("%d model streams x %d torch thread(s)", streams, self.threads_per_stream)
 
     def _preload(self) -> None:
         futures = {}
@@ -104,8 +134,10 @@ class ServeRuntime:
         if self.stopped:
             return
         self.stopped = True
-        if self.worker is not None:
-            self.worker.stop(self.config.grace_period)
+        for worker in self.workers:
+            worker.begin_stop(self.config.grace_period)
+        for worker in self.workers:
+            worker.finish_stop(self.config.grace_period)
         if self.catalog is not None:
             self.catalog.stop()
         if self.cache is not None:
@@ -116,6 +148,8 @@ class ServeRuntime:
             self.store.close()
         except Exception:  # noqa: BLE001 - closing is best-effort at exit
             logger.debug("closing the store failed", exc_info=True)
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -131,7 +165,7 @@ class ServeRuntime:
             problems.append("base model not loaded yet")
         elif self.stopped or (self.batcher is not None and self.batcher.closed):
             problems.append("shutting down")
-        elif self.worker is not None and not self.worker.alive:
+        elif not all(worker.alive for worker in self.workers):
             problems.append("model thread stopped")
         if require_store:
             problems += self.store_problems()
@@ -230,9 +264,10 @@ class ServeRuntime:
             raise StoreUnavailable(self.catalog.store_error or f"store {self.store.url} unreachable")
         return {"tasks": {t: tv.version for t, tv in sorted(self.catalog.tasks().items())}}
 
-    async def fingerprint_now(self) -> str:
+    async def fingerprints_now(self) -> list[str]:
+        """Each stream's base fingerprint now, applied residuals removed first."""
         self._require_started()
-        return await asyncio.to_thread(self.engine.fingerprint_now)
+        return await asyncio.to_thread(lambda: [engine.fingerprint_now() for engine in self.engines])
 
     def _require_started(self) -> None:
         if not self.started:

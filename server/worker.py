@@ -1,4 +1,7 @@
-"""The model thread: the only code that touches the base weights.
+"""The model thread: the only code that touches its engine's base weights.
+
+With --streams N there are N model threads, each owning one engine (a replica of the base);
+they share the batcher, so a batch is taken by exactly one of them.
 
 Loop: drop expired requests -> for each queued task make sure its current residual is resident
 (else start a background load and serve other tasks meanwhile) -> pick a batch (batcher
@@ -41,12 +44,13 @@ class BatchResult:
 class ModelWorker:
     """Runs the scheduler loop in one dedicated thread."""
 
-    def __init__(self, engine, cache, catalog, batcher: Batcher, metrics=None):
+    def __init__(self, engine, cache, catalog, batcher: Batcher, metrics=None, name: str = "uda-model"):
         self.engine = engine
         self.cache = cache
         self.catalog = catalog
         self.batcher = batcher
         self.metrics = metrics
+        self.name = name
         self._loads: dict[Key, Future] = {}
         self._thread: threading.Thread | None = None
         self._stop_at: float | None = None  # monotonic deadline of a drain
@@ -54,14 +58,25 @@ class ModelWorker:
         self.swaps = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="uda-model", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self, grace: float) -> None:
         """Refuse new requests, finish queued ones within `grace` seconds, fail the rest."""
+        self.begin_stop(grace)
+        self.finish_stop(grace)
+
+    def begin_stop(self, grace: float) -> None:
+        """Refuse new requests; the thread drains the queue until it is empty or `grace` passes.
+
+        Model threads sharing one batcher all begin before any finishes, so they drain together.
+        """
         self.batcher.close()
         self._stop_at = time.monotonic() + grace
         self.batcher.notify()
+
+    def finish_stop(self, grace: float) -> None:
+        """Wait for the thread, fail what is still queued, put the exact base weights back."""
         if self._thread is not None:
             self._thread.join(timeout=grace + 30)
         for request in self.batcher.take_all():

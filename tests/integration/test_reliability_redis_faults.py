@@ -86,7 +86,7 @@ def test_redis_restarted_empty_keeps_serving_from_cache(redis_srv, caplog):
             for task, v in (("A", a1), ("B", b1)):
                 resp = rs.predict(http, task)
                 assert resp.status_code == 200 and rs.matches(resp, v)
-        assert srv.runtime.worker.alive and srv.runtime.catalog._threads[0].is_alive()
+        assert all(w.alive for w in srv.runtime.workers) and srv.runtime.catalog._threads[0].is_alive()
         # Republished into the empty Redis: numbering starts again, and the server follows.
         info = store.publish("A", a2.blob)
         assert info.version == 1

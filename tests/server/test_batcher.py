@@ -17,8 +17,8 @@ class Clock:
         return self.t
 
 
-def make(clock: Clock, max_batch=4, max_wait_ms=50.0, max_queue=100) -> Batcher:
-    return Batcher(max_batch, max_wait_ms / 1000, max_queue, clock=clock)
+def make(clock: Clock, max_batch=4, max_wait_ms=50.0, max_queue=100, streams=1) -> Batcher:
+    return Batcher(max_batch, max_wait_ms / 1000, max_queue, clock=clock, streams=streams)
 
 
 def submit(b: Batcher, clock: Clock, task: str, n: int = 1, timeout: float = 30.0) -> PendingRequest:
@@ -45,6 +45,35 @@ def test_oldest_first_and_max_batch():
     task, batch = b.pick(None, everyone)
     assert task == "A" and len(batch) == 1
     assert b.pick(None, everyone) is None and b.depth == 0
+
+
+def test_with_two_streams_a_batch_takes_half_of_what_is_queued():
+    clock = Clock()
+    b = make(clock, max_batch=32, streams=2)
+    for n in (1,) * 14 + (3,):
+        submit(b, clock, "A", n=n)
+        clock.t += 0.001
+    submit(b, clock, "B")
+    _, batch = b.pick(None, everyone)
+    assert sum(r.n for r in batch) == 9  # ceil(18 / 2): the other stream gets the rest
+    _, batch = b.pick(None, everyone)
+    assert sum(r.n for r in batch) == 5  # ceil(9 / 2), whole requests in arrival order: the 3 waits
+    _, batch = b.pick("A", lambda t: t == "B")
+    assert len(batch) == 1
+    for _ in range(3):
+        submit(b, clock, "C", n=2)
+    _, batch = b.pick(None, lambda t: t == "C")
+    assert [r.n for r in batch] == [2, 2]  # ceil(9 / 2) = 4 of C's 6 images, never over
+
+
+def test_with_two_streams_a_tasks_few_requests_stay_in_one_batch():
+    clock = Clock()
+    b = make(clock, max_batch=32, streams=2)
+    for task in ("A", "A", "B", "C", "D", "E"):
+        submit(b, clock, task)
+        clock.t += 0.001
+    task, batch = b.pick(None, everyone)
+    assert task == "A" and len(batch) == 2  # share ceil(6 / 2) = 3: no second swap to A
 
 
 def test_not_ready_tasks_are_skipped():

@@ -10,12 +10,12 @@ from server.config import ConfigError, ServeConfig, parse_size
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         ServeConfig(device="tpu", max_batch=0, max_queue=0, request_timeout=-1, port=70000,
-                    pin=("bad name",), admin_token="short")
+                    pin=("bad name",), admin_token="short", streams=0)
     text = str(info.value)
     for flag in ("--device", "--max-batch", "--max-queue", "--request-timeout", "--port", "--pin",
-                 "--admin-token"):
+                 "--admin-token", "--streams"):
         assert flag in text
-    assert len(info.value.problems) == 7
+    assert len(info.value.problems) == 8
 
 
 @pytest.mark.parametrize("text,expected", [("4096", 4096), ("64MiB", 64 << 20), ("1g", 1 << 30),
@@ -30,8 +30,9 @@ def test_flags_map_to_the_config(monkeypatch):
         "--model", "uda-tiny-rn", "--store", "redis://127.0.0.1:6379/0", "--device", "cpu",
         "--cache-bytes", "1MiB", "--max-batch", "8", "--max-wait-ms", "5", "--max-queue", "10",
         "--request-timeout", "2.5", "--preload", "A,B", "--pin", "C", "--port", "0",
-        "--log-level", "warning"])
+        "--log-level", "warning", "--streams", "2"])
     cfg = config_from_args(args)
+    assert cfg.streams == 2
     assert cfg.cache_bytes == 1 << 20 and cfg.max_batch == 8 and cfg.max_wait_s == 0.005
     assert cfg.preload == ("A", "B") and cfg.pin == ("C",)
     assert cfg.admin_token == "from-the-environment"
