@@ -269,6 +269,8 @@ def test_gpu_overlay_adds_the_gpu():
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert env(cpu)["UDA_DEVICE"] == "cpu" and env(gpu)["UDA_DEVICE"] == "cuda"
+    assert env(cpu)["UDA_STREAMS"] == str(int(cpu["resources"]["requests"]["cpu"]))  # a stream per core
+    assert env(gpu)["UDA_STREAMS"] == "1"  # uda-serve refuses more on CUDA
     # The patch only changes what it names: probes and the Redis credentials survive.
     assert gpu["readinessProbe"] == cpu["readinessProbe"]
     assert env(gpu)["REDIS_PASSWORD"] == env(cpu)["REDIS_PASSWORD"]
