@@ -186,6 +186,10 @@ def machine_info(device: torch.device) -> dict:
         text = Path("/proc/cpuinfo").read_text()
         found = re.search(r"model name\s*:\s*(.+)", text)
         cpu = found.group(1).strip() if found else cpu
+        # "AMD EPYC" alone names several generations; family and model tell them apart
+        family, model = (re.search(rf"^{key}\s*:\s*(\d+)", text, re.M) for key in ("cpu family", "model"))
+        if family and model:
+            cpu += f" (family {family.group(1)} model {model.group(1)})"
     except OSError:
         pass
     info = {

@@ -2,17 +2,22 @@
 
     python -m bench.serve_load --quick                       # uda-tiny-vit, N = 1, 10, 100; ~1 minute
     python -m bench.serve_load --model ViT-B-16 --tasks 1,10,100,500
+    python -m bench.serve_load --streams 1,2                 # one server per setting, side by side
     python -m bench.serve_load --url http://host:8000 --tasks 1,10   # a server you started
 
 Without --url, a directory store with max(N) random residuals of the base (seeded random
 weights; timing does not depend on the weights) is written to a temporary folder and
 `uda-serve` is started on it as a subprocess. Each N level sends requests for the first N
 tasks only, `--concurrency` clients each waiting for its answer before sending the next
-(closed loop), for --warmup then --duration seconds. The server preloads every task (steady
+(closed loop), for --warmup then --duration seconds; the levels take turns for --rounds rounds
+(1, 10, 100, 500, 1, 10, ...), so a drift of the machine's speed during the run weighs on every
+level alike instead of on the last ones. The server preloads every task (steady
 state of a long-running server whose --cache-bytes fits them); --cold leaves the loads to the
 first requests. Reported per N: p50/p99 latency,
 throughput (images/s), swaps/s and cache hit ratio read from /metrics, and throughput
-relative to N = 1. Paste the printed table into BENCHMARKS.md.
+relative to N = 1. With several --streams settings one server per setting runs the same
+levels, one after another, and a last table sets their throughputs side by side. Paste the
+printed tables into BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 _METRICS = ("uda_residual_cache_hits_total", "uda_residual_cache_misses_total",
-            "uda_swap_duration_seconds_count", "uda_batch_size_count", "uda_batch_size_sum")
+            "uda_swap_duration_seconds_count", "uda_swap_duration_seconds_sum",
+            "uda_batch_size_count", "uda_batch_size_sum")
 
 
 def zipf_weights(n: int, s: float = 1.0) -> list[float]:
@@ -67,10 +73,11 @@ def publish_tasks(store_dir: Path, model: str, n: int, density: float, variants:
     return names
 
 
-def start_server(args, store_dir: Path, port: int, tasks: list[str]) -> subprocess.Popen:
+def start_server(args, store_dir: Path, port: int, tasks: list[str], streams: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--store", str(store_dir),
            "--port", str(port), "--cache-bytes", args.cache_bytes, "--max-batch", str(args.max_batch),
-           "--max-queue", "100000", "--log-level", "warning", "--device", args.device]
+           "--max-queue", "100000", "--log-level", "warning", "--device", args.device,
+           "--streams", str(streams)]
     if not args.cold:
         # A server that has been up a while holds every task its cache fits; without this, a
         # 30 s window at a few images/s measures first-touch loads of hundreds of tasks instead.
@@ -103,9 +110,10 @@ async def scrape(client) -> dict[str, float]:
     return out
 
 
-async def run_level(client, tasks: list[str], image: bytes, args) -> dict:
+async def run_level(client, tasks: list[str], image: bytes, args, seed: int) -> dict:
+    """One measured window at one level: raw latencies, errors, metric deltas, seconds."""
     weights = zipf_weights(len(tasks))
-    rng = random.Random(len(tasks))
+    rng = random.Random(seed)
     latencies: list[float] = []
     errors = 0
     measuring = False
@@ -131,15 +139,25 @@ async def run_level(client, tasks: list[str], image: bytes, args) -> dict:
     measuring = True
     await asyncio.gather(*workers)
     after, elapsed = await scrape(client), time.monotonic() - t0
-    d = {k: after[k] - before[k] for k in _METRICS}
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed,
+            "metrics": {k: after[k] - before[k] for k in _METRICS}}
+
+
+def summarize(n_tasks: int, windows: list[dict]) -> dict:
+    """One table row from a level's windows (all rounds): totals over the measured seconds."""
+    latencies = sorted(x for w in windows for x in w["latencies"])
+    elapsed = sum(w["elapsed"] for w in windows)
+    d = {k: sum(w["metrics"][k] for w in windows) for k in _METRICS}
     lookups = d["uda_residual_cache_hits_total"] + d["uda_residual_cache_misses_total"]
-    latencies.sort()
+    swaps = d["uda_swap_duration_seconds_count"]
     return {
-        "tasks": len(tasks), "requests": len(latencies), "errors": errors,
+        "tasks": n_tasks, "requests": len(latencies), "errors": sum(w["errors"] for w in windows),
         "p50_ms": 1e3 * statistics.median(latencies) if latencies else float("nan"),
         "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
         "throughput": len(latencies) / elapsed,
-        "swaps_s": d["uda_swap_duration_seconds_count"] / elapsed,
+        "round_throughputs": [len(w["latencies"]) / w["elapsed"] for w in windows],
+        "swaps_s": swaps / elapsed,
+        "swap_ms": 1e3 * d["uda_swap_duration_seconds_sum"] / swaps if swaps else 0.0,
         "hit_ratio": d["uda_residual_cache_hits_total"] / lookups if lookups else float("nan"),
         "mean_batch": (d["uda_batch_size_sum"] / d["uda_batch_size_count"]
                        if d["uda_batch_size_count"] else 0.0),
@@ -149,15 +167,34 @@ async def run_level(client, tasks: list[str], image: bytes, args) -> dict:
 def table(rows: list[dict], title: str) -> str:
     single = next((r["throughput"] for r in rows if r["tasks"] == 1), None)
     lines = [title, "",
-             "| tasks | requests | p50 ms | p99 ms | images/s | vs 1 task | swaps/s | cache hit "
-             "| mean batch | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tasks | requests | p50 ms | p99 ms | images/s | vs 1 task | swaps/s | ms / swap "
+             "| cache hit | mean batch | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['throughput'] / single:.2f}" if single else "-"
         lines.append(f"| {r['tasks']} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['throughput']:.1f} | {ratio} | {r['swaps_s']:.1f} | {r['hit_ratio']:.3f} | "
-                     f"{r['mean_batch']:.1f} | {r['errors']} |")
+                     f"{r['throughput']:.2f} | {ratio} | {r['swaps_s']:.1f} | {r['swap_ms']:.1f} | "
+                     f"{r['hit_ratio']:.3f} | {r['mean_batch']:.1f} | {r['errors']} |")
     return "\n".join(lines)
+
+
+def streams_table(results: dict[int, list[dict]]) -> str:
+    """images/s per N under each --streams setting, and each setting against the first."""
+    from bench.common import markdown_table
+
+    settings = sorted(results)
+    first = settings[0]
+    headers = (["tasks"] + [f"images/s, {s} stream{'s' * (s > 1)}" for s in settings]
+               + [f"vs 1 task, {s}" for s in settings]
+               + [f"{s} vs {first} stream{'s' * (first > 1)}" for s in settings[1:]])
+    single = {s: next((r["throughput"] for r in results[s] if r["tasks"] == 1), None) for s in settings}
+    rows = []
+    for i, r0 in enumerate(results[first]):
+        by = {s: results[s][i]["throughput"] for s in settings}
+        rows.append([r0["tasks"]] + [f"{by[s]:.2f}" for s in settings]
+                    + [f"{by[s] / single[s]:.2f}" if single[s] else "-" for s in settings]
+                    + [f"{by[s] / by[first]:.2f}" if by[first] else "-" for s in settings[1:]])
+    return markdown_table(headers, rows)
 
 
 async def bench(args, url: str, tasks: list[str], proc) -> list[dict]:
@@ -169,13 +206,14 @@ async def bench(args, url: str, tasks: list[str], proc) -> list[dict]:
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await wait_ready(client, proc)
-        rows = []
-        for n in args.tasks:
-            row = await run_level(client, tasks[:n], image, args)
-            print(f"  N={n}: {row['throughput']:.1f} images/s, p50 {row['p50_ms']:.1f} ms, "
-                  f"hit {row['hit_ratio']:.3f}", file=sys.stderr, flush=True)
-            rows.append(row)
-        return rows
+        windows: dict[int, list[dict]] = {n: [] for n in args.tasks}
+        for r in range(args.rounds):
+            for n in args.tasks:
+                w = await run_level(client, tasks[:n], image, args, seed=1000 * r + n)
+                windows[n].append(w)
+                print(f"  round {r + 1}/{args.rounds} N={n}: "
+                      f"{len(w['latencies']) / w['elapsed']:.2f} images/s", file=sys.stderr, flush=True)
+        return [summarize(n, windows[n]) for n in args.tasks]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -184,8 +222,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="ViT-B-16", help="base model (seeded random weights)")
     p.add_argument("--tasks", default="1,10,100,500", help="comma-separated N levels")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per level")
-    p.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds per level")
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per level and round")
+    p.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds per level and round")
+    p.add_argument("--rounds", type=int, default=2, help="times each level is measured, levels taking turns")
     p.add_argument("--density", type=float, default=0.003, help="fraction of encoder weights per residual")
     p.add_argument("--variants", type=int, default=4, help="distinct sparse patterns among the tasks")
     p.add_argument("--cache-bytes", default="2GiB", help="--cache-bytes of the started server")
@@ -193,15 +232,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cold", action="store_true",
                    help="start the server without --preload: each task's first request loads it")
     p.add_argument("--device", default="auto")
+    p.add_argument("--streams", default="1",
+                   help="comma-separated uda-serve --streams settings, one server each (e.g. 1,2)")
+    p.add_argument("--out", type=Path, default=None, help="JSON folder (default: bench/results)")
     p.add_argument("--url", default=None, help="bench this running server (tasks must exist) instead")
     p.add_argument("--task-names", default=None, help="with --url: comma-separated task names")
     args = p.parse_args(argv)
     if args.quick:  # shorter defaults; flags given explicitly still win
         for name, value in (("model", "uda-tiny-vit"), ("duration", 5.0), ("warmup", 2.0),
-                            ("concurrency", 8), ("tasks", "1,10,100")):
+                            ("concurrency", 8), ("tasks", "1,10,100"), ("rounds", 1)):
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
-    args.tasks = sorted({int(x) for x in args.tasks.split(",") if x.strip()})
+    try:
+        args.tasks = sorted({int(x) for x in args.tasks.split(",") if x.strip()})
+        args.streams = sorted({int(x) for x in args.streams.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"--tasks and --streams take comma-separated integers, got {args.tasks!r} and {args.streams!r}")
+    if not args.tasks or not args.streams or min(args.tasks) < 1 or min(args.streams) < 1:
+        p.error("--tasks and --streams need at least one value, each >= 1")
+    if args.rounds < 1 or args.duration <= 0:
+        p.error("--rounds must be >= 1 and --duration > 0")
     return args
 
 
@@ -217,21 +267,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from server.embedded import free_port
 
+    results: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"publishing {max(args.tasks)} residuals of {args.model}...", file=sys.stderr, flush=True)
         tasks = publish_tasks(Path(tmp) / "store", args.model, max(args.tasks), args.density, args.variants)
-        port = free_port()
-        proc = start_server(args, Path(tmp) / "store", port, tasks)
-        try:
-            rows = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
-    title = (f"serve_load: {args.model} (random weights), {args.concurrency} closed-loop clients, "
-             f"Zipf(1.0), {args.duration:g} s per level, {os.cpu_count()} CPUs, device {args.device}, "
-             f"{'cold cache' if args.cold else 'tasks preloaded'}")
-    print(table(rows, title))
+        for streams in args.streams:
+            print(f"uda-serve --streams {streams}:", file=sys.stderr, flush=True)
+            port = free_port()
+            proc = start_server(args, Path(tmp) / "store", port, tasks, streams)
+            try:
+                results[streams] = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+    for streams, rows in results.items():
+        title = (f"serve_load: {args.model} (random weights), --streams {streams}, "
+                 f"{args.concurrency} closed-loop clients, Zipf(1.0), {args.rounds} x {args.duration:g} s "
+                 "per level, "
+                 f"{os.cpu_count()} CPUs, device {args.device}, "
+                 f"{'cold cache' if args.cold else 'tasks preloaded'}")
+        print(table(rows, title) + "\n")
+    if len(results) > 1:
+        print(streams_table(results))
+    save(args, results)
     return 0
+
+
+def save(args, results: dict[int, list[dict]]) -> None:
+    import torch
+
+    from bench import common
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path = common.write_json(common.result_path(args.out or common.RESULTS_DIR, "serve_load"),
+                             {"args": settings, "machine": common.machine_info(torch.device("cpu")),
+                              "streams": {str(s): rows for s, rows in results.items()}})
+    print(f"raw results: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

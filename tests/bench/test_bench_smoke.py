@@ -2,6 +2,8 @@
 and print their tables."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench import batch_cost, swap
@@ -43,15 +45,23 @@ def test_swap_bench_refuses_bad_flags(capsys):
     assert "--densities must lie in (0, 1]" in capsys.readouterr().err
 
 
-def test_serve_load_quick_runs_against_a_live_server(capsys):
+def test_serve_load_quick_runs_against_a_live_server(capsys, tmp_path):
     from bench import serve_load
 
-    assert serve_load.main(["--quick", "--tasks", "1,3", "--duration", "2", "--warmup", "1",
-                            "--concurrency", "2"]) == 0
+    assert serve_load.main(["--quick", "--tasks", "1,3", "--duration", "1", "--warmup", "0.5",
+                            "--rounds", "3", "--concurrency", "2", "--streams", "1,2",
+                            "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "tasks preloaded" in out
-    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
-    assert len(rows) == 2 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
+    [saved] = tmp_path.glob("serve_load-*.json")
+    raw = json.loads(saved.read_text())
+    assert set(raw["streams"]) == {"1", "2"} and raw["args"]["rounds"] == 3
+    assert all(len(row["round_throughputs"]) == 3 for row in raw["streams"]["2"])
+    assert "tasks preloaded" in out and "--streams 1," in out and "--streams 2," in out
+    head, side_by_side = out.split("| tasks | images/s, 1 stream |")
+    rows = [line for line in head.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 4 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
+    assert side_by_side.startswith(" images/s, 2 streams | vs 1 task, 1 | vs 1 task, 2 | 2 vs 1 stream |")
+    assert len([line for line in side_by_side.splitlines() if line.startswith(("| 1 |", "| 3 |"))]) == 2
 
 
 def test_batch_cost_quick_runs_and_prints_its_tables(capsys):
