@@ -140,9 +140,9 @@ def median(values: Sequence[float]) -> float:
 
 # -- memory and machine ------------------------------------------------------------------------
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (not the peak)."""
-    with open("/proc/self/statm") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    """Current resident set size of this process, or of process `pid` (not the peak)."""
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -267,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from server.embedded import free_port
 
+    from bench import common
+
     results: dict[int, list[dict]] = {}
+    rss: dict[int, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"publishing {max(args.tasks)} residuals of {args.model}...", file=sys.stderr, flush=True)
         tasks = publish_tasks(Path(tmp) / "store", args.model, max(args.tasks), args.density, args.variants)
@@ -277,11 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc = start_server(args, Path(tmp) / "store", port, tasks, streams)
             try:
                 results[streams] = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
+                rss[streams] = common.rss_bytes(proc.pid)  # every task resident, after the load
             finally:
                 proc.terminate()
                 proc.wait(timeout=120)
     for streams, rows in results.items():
-        title = (f"serve_load: {args.model} (random weights), --streams {streams}, "
+        title = (f"serve_load: {args.model} (random weights), --streams {streams} "
+                 f"(server RSS {common.fmt_bytes(rss[streams])}), "
                  f"{args.concurrency} closed-loop clients, Zipf(1.0), {args.rounds} x {args.duration:g} s "
                  "per level, "
                  f"{os.cpu_count()} CPUs, device {args.device}, "
@@ -289,11 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(rows, title) + "\n")
     if len(results) > 1:
         print(streams_table(results))
-    save(args, results)
+    save(args, results, rss)
     return 0
 
 
-def save(args, results: dict[int, list[dict]]) -> None:
+def save(args, results: dict[int, list[dict]], rss: dict[int, int]) -> None:
     import torch
 
     from bench import common
@@ -301,7 +306,8 @@ def save(args, results: dict[int, list[dict]]) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = common.write_json(common.result_path(args.out or common.RESULTS_DIR, "serve_load"),
                              {"args": settings, "machine": common.machine_info(torch.device("cpu")),
-                              "streams": {str(s): rows for s, rows in results.items()}})
+                              "streams": {str(s): rows for s, rows in results.items()},
+                              "server_rss_bytes": {str(s): n for s, n in rss.items()}})
     print(f"raw results: {path}", file=sys.stderr)
 
 

@@ -55,8 +55,9 @@ def test_serve_load_quick_runs_against_a_live_server(capsys, tmp_path):
     [saved] = tmp_path.glob("serve_load-*.json")
     raw = json.loads(saved.read_text())
     assert set(raw["streams"]) == {"1", "2"} and raw["args"]["rounds"] == 3
+    assert min(raw["server_rss_bytes"].values()) > 0
     assert all(len(row["round_throughputs"]) == 3 for row in raw["streams"]["2"])
-    assert "tasks preloaded" in out and "--streams 1," in out and "--streams 2," in out
+    assert "tasks preloaded" in out and "--streams 1 (server RSS" in out and "--streams 2 (server RSS" in out
     head, side_by_side = out.split("| tasks | images/s, 1 stream |")
     rows = [line for line in head.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 4 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
