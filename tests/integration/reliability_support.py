@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from residual_store import BaseSpec, Residual, to_bytes
 from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
+from residual_store.stores import open_store
 from server.cache import cached_nbytes, resident_form
 from server.synthetic import image_bytes, random_residual, reference_scores
 
@@ -84,6 +85,15 @@ def make_version(task: str, seed: int, n_classes: int = 3, **kw: Any) -> Version
     r = random_residual(model, task, [f"c{i}" for i in range(n_classes)], base_model=MODEL,
                         seed=seed, **kw)
     return Version(r, to_bytes(r), reference_scores(model, r, tensors(IMAGES)))
+
+
+def publish_versions(store_url: str, tasks: Sequence[str], first_seed: int) -> dict[str, Version]:
+    """One version of each task (seeds first_seed, first_seed + 1, ...) published to the store."""
+    store = open_store(store_url)
+    versions = {task: make_version(task, first_seed + i) for i, task in enumerate(tasks)}
+    for task, v in versions.items():
+        store.publish(task, v.blob)
+    return versions
 
 
 # -- HTTP ----------------------------------------------------------------------------------------

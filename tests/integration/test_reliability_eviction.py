@@ -13,7 +13,6 @@ import httpx
 import pytest
 import reliability_support as rs
 
-from residual_store.stores import open_store
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 
@@ -25,10 +24,7 @@ TASKS = ("A", "B", "C")
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    store = open_store(str(root))
-    versions = {t: rs.make_version(t, 30 + i) for i, t in enumerate(TASKS)}
-    for task, v in versions.items():
-        store.publish(task, v.blob)
+    versions = rs.publish_versions(str(root), TASKS, first_seed=30)
     cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0,
                       cache_bytes=rs.cache_budget(1.5, *versions.values()),  # one fits, never two
                       admin_token=rs.ADMIN_TOKEN, max_batch=4)

@@ -14,7 +14,6 @@ import pytest
 import reliability_support as rs
 import torch
 
-from residual_store.stores import open_store
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 from server.runtime import ServeRuntime
@@ -27,11 +26,7 @@ TASKS = ("A", "B", "C")
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    store = open_store(str(root))
-    versions = {t: rs.make_version(t, seed=40 + i) for i, t in enumerate(TASKS)}
-    for task, v in versions.items():
-        store.publish(task, v.blob)
-    return str(root), versions
+    return str(root), rs.publish_versions(str(root), TASKS, first_seed=40)
 
 
 def threads_of_a_new_thread() -> int:
