@@ -1,7 +1,7 @@
 """The swap engine: one frozen base on the device, residuals applied onto its flat buffer.
 
-Only the engine's model thread calls `run`; `fingerprint_now` (tests, admin) takes the same lock, so it
-never reads weights halfway through a swap. The applied residual stays applied between batches
+Only the engine's model thread calls `run`; `fingerprint_now` (tests, admin) takes the same
+lock, so it never reads weights halfway through a swap. The applied residual stays applied between batches
 of the same (task, sha256), so a stream of one task costs no swaps; switching tasks restores the
 originals exactly (copy back, no subtraction) before applying the next residual.
 

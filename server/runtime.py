@@ -90,7 +90,8 @@ class ServeRuntime:
         self.started = True
 
     def _split_threads(self, streams: int) -> None:
-        """cores/streams torch threads per model thread (torch's setting is per process)."""
+        """cores/streams torch threads per model thread. torch keeps the setting per thread and
+        gives threads started later the last value set, so set it before the model threads start."""
         if streams == 1:
             return
         self._threads_before = torch.get_num_threads()
