@@ -164,8 +164,13 @@ def summarize(n_tasks: int, windows: list[dict]) -> dict:
     }
 
 
+def single_task_throughput(rows: list[dict]) -> float | None:
+    """images/s of the N = 1 level, the reference of every 'vs 1 task' ratio (None if not run)."""
+    return next((r["throughput"] for r in rows if r["tasks"] == 1), None)
+
+
 def table(rows: list[dict], title: str) -> str:
-    single = next((r["throughput"] for r in rows if r["tasks"] == 1), None)
+    single = single_task_throughput(rows)
     lines = [title, "",
              "| tasks | requests | p50 ms | p99 ms | images/s | vs 1 task | swaps/s | ms / swap "
              "| cache hit | mean batch | errors |",
@@ -187,7 +192,7 @@ def streams_table(results: dict[int, list[dict]]) -> str:
     headers = (["tasks"] + [f"images/s, {s} stream{'s' * (s > 1)}" for s in settings]
                + [f"vs 1 task, {s}" for s in settings]
                + [f"{s} vs {first} stream{'s' * (first > 1)}" for s in settings[1:]])
-    single = {s: next((r["throughput"] for r in results[s] if r["tasks"] == 1), None) for s in settings}
+    single = {s: single_task_throughput(results[s]) for s in settings}
     rows = []
     for i, r0 in enumerate(results[first]):
         by = {s: results[s][i]["throughput"] for s in settings}
@@ -287,9 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for streams, rows in results.items():
         title = (f"serve_load: {args.model} (random weights), --streams {streams} "
                  f"(server RSS {common.fmt_bytes(rss[streams])}), "
-                 f"{args.concurrency} closed-loop clients, Zipf(1.0), {args.rounds} x {args.duration:g} s "
-                 "per level, "
-                 f"{os.cpu_count()} CPUs, device {args.device}, "
+                 f"{args.concurrency} closed-loop clients, Zipf(1.0), "
+                 f"{args.rounds} x {args.duration:g} s per level, {os.cpu_count()} CPUs, device {args.device}, "
                  f"{'cold cache' if args.cold else 'tasks preloaded'}")
         print(table(rows, title) + "\n")
     if len(results) > 1:
