@@ -349,7 +349,9 @@ def measure(peers: dict, cfg: PeersConfig, tasks: list[Task], imgs: dict[int, to
     """Every mode of every set-up peer over the same (batch size, repeat) streams.
 
     The peers take turns inside each repeat, so a change of machine load during the run
-    touches all of them alike instead of whichever peer happened to run then.
+    touches all of them alike instead of whichever peer happened to run then; the order of the
+    turns rotates from one repeat to the next, so no peer always runs first or right after the
+    same neighbour.
     """
     modes = [(mode, peer) for peer in peers.values() for mode in peer.modes]
     for mode, peer in modes:
@@ -360,7 +362,8 @@ def measure(peers: dict, cfg: PeersConfig, tasks: list[Task], imgs: dict[int, to
         for r in range(cfg.repeats):
             # The same stream for every peer: its seed depends on (seed, N, batch, repeat) only.
             stream = common.zipf_stream(len(tasks), nb, seed=cfg.seed * 1_000_003 + len(tasks) * 1009 + b * 31 + r)
-            for mode, peer in modes:
+            shift = r % len(modes)
+            for mode, peer in modes[shift:] + modes[:shift]:
                 runs[mode].append(run_stream(peer, mode, tasks, stream, imgs[b], device))
         for mode, _ in modes:
             lat = [x for run in runs[mode] for x in run["latencies_s"]]
@@ -473,22 +476,31 @@ def summarize(results: list[dict], cfg: PeersConfig) -> list[dict]:
             row.update(task_bytes=m.get("task_bytes"), rss_delta_per_task=m.get("rss_delta_per_task"),
                        device_delta_per_task=m.get("device_delta_per_task"))
             if a is not None and "swap" in mem:
-                row["swap_speedup"] = a["images_per_s"] / r["images_per_s"]
+                # Paired: swap and the peer ran the same stream in the same repeat, minutes apart
+                # at most, so the VM's drift between repeats cancels out of each ratio.
+                paired = [s["images_per_s"] / p["images_per_s"] for s, p in zip(a["runs"], r["runs"])]
+                row["swap_speedup"] = common.median(paired)
+                row["swap_speedup_range"] = (min(paired), max(paired))
                 row["memory_vs_swap"] = m.get("task_bytes", float("nan")) / mem["swap"]["task_bytes"]
             rows.append(row)
     return rows
 
 
+def _range(span: tuple[float, float] | None) -> str:
+    return f"{span[0]:.2f}-{span[1]:.2f}" if span else ""
+
+
 def table(rows: list[dict], results: list[dict]) -> str:
     headers = ["peer", "N", "batch", "img/s", "p50 ms", "p99 ms", "switch ms (median)", "switches",
                "bytes / extra task", "RSS delta / task", "swap img/s / peer img/s",
-               "peer bytes / swap bytes"]
+               "(min-max of repeats)", "peer bytes / swap bytes"]
     body = []
     for r in rows:
         body.append([r["peer"], r["tasks"], r["batch"], f"{r['images_per_s']:.3g}", f"{r['p50_ms']:.1f}",
                      f"{r['p99_ms']:.1f}", f"{r['switch_ms']:.3f}", r["switches"],
                      common.fmt_bytes(r["task_bytes"] or 0), common.fmt_bytes(r["rss_delta_per_task"] or 0),
-                     f"{r.get('swap_speedup', float('nan')):.2f}", f"{r.get('memory_vs_swap', float('nan')):.3g}"])
+                     f"{r.get('swap_speedup', float('nan')):.2f}", _range(r.get("swap_speedup_range")),
+                     f"{r.get('memory_vs_swap', float('nan')):.3g}"])
     lines = [common.markdown_table(headers, body)]
     for res in results:
         cap = res["full_models_capacity"]
@@ -602,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Peers: {cfg.model} image encoder ({payload['encoder_params'] / 1e6:.1f} M weights, random init), "
           f"residual density {cfg.density:g}, LoRA/SHiRA r={cfg.rank} on {'+'.join(LORA_TARGETS)}, "
           f"peft {payload['peft_version']}; Zipf(1.0) over N tasks, one task per batch; "
-          f"{cfg.repeats} repeats, medians; in-process (no HTTP)")
+          f"{cfg.repeats} repeats, medians (ratios: the median of the per-repeat ratios); in-process (no HTTP)")
     print(common.machine_line(info))
     print(table(payload["summary"], payload["results"]))
     common.write_json(path, payload)

@@ -50,6 +50,20 @@ def test_random_flat_index_is_sorted_distinct_and_exact():
     assert common.random_flat_index(50, 50, g).tolist() == list(range(50))
 
 
+def test_peer_ratios_pair_the_repeats_instead_of_dividing_medians():
+    def row(peer, rates):
+        return {"peer": peer, "tasks": 10, "batch": 1, "images_per_s": common.median(rates),
+                "runs": [{"images_per_s": x} for x in rates]}
+
+    # Repeat 2 ran while the machine was slow for both: pairing cancels it, medians would not.
+    result = {"memory": {"swap": {"task_bytes": 1}, "full-models": {"task_bytes": 100}},
+              "rows": [row("swap", [2.0, 4.0, 6.0]), row("full-models", [4.0, 1.0, 3.0])]}
+    summary = {r["peer"]: r for r in peers.summarize([result], peers.PeersConfig())}
+    assert summary["full-models"]["swap_speedup"] == 2.0  # ratios 0.5, 4, 2; medians give 4/3
+    assert summary["full-models"]["swap_speedup_range"] == (0.5, 4.0)
+    assert summary["swap"]["swap_speedup"] == 1.0 and summary["full-models"]["memory_vs_swap"] == 100
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = BaseSpec("uda-tiny-vit").build()
@@ -152,7 +166,8 @@ def test_quick_peers_cover_every_peer_and_swap_matches_a_merged_model(quick_run)
             assert len(r["runs"]) == cfg["repeats"]
     summary = {(r["peer"], r["tasks"], r["batch"]): r for r in payload["summary"]}
     swap = summary[("swap", 6, 1)]
-    assert swap["swap_speedup"] == 1.0 and swap["memory_vs_swap"] == 1.0
+    assert swap["swap_speedup"] == 1.0 and swap["swap_speedup_range"] == [1.0, 1.0]
+    assert swap["memory_vs_swap"] == 1.0
     assert summary[("full-models", 6, 1)]["memory_vs_swap"] > 10  # a whole encoder vs a sparse residual
 
 
