@@ -139,6 +139,29 @@ def test_compose_leaves_the_port_to_the_image():
     assert image_env()["UDA_HOST"] == "0.0.0.0"  # reachable through the published port
 
 
+def test_named_volumes_mount_on_directories_the_image_user_owns():
+    """Docker creates a fresh named volume from the image's directory at the mount point, and
+    root-owned when the image has none there: the non-root user could not write it."""
+    run = " ".join(rest for word, rest in stages()["runtime"] if word == "RUN")
+    made = {d for cmd in re.findall(r"mkdir -p ([^&]+)", run) for d in cmd.split()}
+    owned = {d for cmd in re.findall(r"chown -R uda:uda ([^&]+)", run) for d in cmd.split()}
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    named = set(compose["volumes"])
+    checked = 0
+    for name, service in compose["services"].items():
+        if "build" not in service:  # only services that run this project's image
+            continue
+        for mount in service.get("volumes", []):
+            source, target = mount.split(":")[:2]
+            if source not in named:
+                continue
+            checked += 1
+            assert target in made, f"{name}: volume {source} mounts on {target}, which the image never creates"
+            assert any(target == d or target.startswith(d.rstrip("/") + "/") for d in owned), \
+                f"{name}: {target} is not chowned to the image's user"
+    assert checked >= 2  # model-cache (serve, train) and train-runs (train)
+
+
 @pytest.mark.integration
 def test_healthcheck_follows_the_port_the_server_listens_on(tmp_path):
     """The image's CMD and HEALTHCHECK, run as written with the image's environment and a
