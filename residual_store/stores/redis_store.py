@@ -167,6 +167,12 @@ class RedisStore(ResidualStore):
             raise StoreUnavailable(f"Redis at {self._where} denied a command ({e}): check the "
                                    f"ACL of this user (writes need the keys {self.prefix}*)") from e
         except redis.RedisError as e:
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(e):
+                raise ResidualStoreError(
+                    f"Redis at {self._where} is full: it refused the write (maxmemory reached, "
+                    "policy noeviction) and keeps every stored version. Free memory with "
+                    "`uda-store rm TASK` for tasks no longer served, or raise Redis's maxmemory "
+                    "(REDIS_MAXMEMORY in deploy/) with its memory limit") from e
             raise ResidualStoreError(f"Redis at {self._where}: {e}") from e
 
     # -- reads -------------------------------------------------------------------------------

@@ -35,12 +35,21 @@ def start_command() -> list[str]:
     return sts["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
+def manifest_env() -> dict[str, str]:
+    """The StatefulSet's environment variables that have a literal value (not the Secret's)."""
+    docs = yaml.safe_load_all((KUSTOMIZE / "base" / "redis.yaml").read_text())
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    return {e["name"]: e["value"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+            if "value" in e}
+
+
 @pytest.fixture(scope="module")
 def acl_redis(redis_server_bin, tmp_path_factory):
-    """(port) of a redis-server started by the manifest's script; stopped afterwards."""
+    """(port) of a redis-server started by the manifest's script and environment; stopped
+    afterwards."""
     tmp = tmp_path_factory.mktemp("acl-redis")
     port = free_port()
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", **PASSWORDS,
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", **manifest_env(), **PASSWORDS,
            "REDIS_ACL_FILE": str(tmp / "users.acl"), "REDIS_DATA_DIR": str(tmp)}
     # Extra arguments land in the script's "$@": a private port, loopback only, no snapshots.
     proc = subprocess.Popen([*start_command(), "--port", str(port), "--bind", "127.0.0.1",
@@ -101,6 +110,38 @@ def test_append_only_file_is_on(acl_redis):
     admin = redis.Redis(port=acl_redis, password=PASSWORDS["REDIS_ADMIN_PASSWORD"])
     assert admin.config_get("appendonly") == {"appendonly": "yes"}
     assert admin.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+
+
+def test_memory_is_capped_below_the_container_limit(acl_redis):
+    """Without maxmemory, noeviction never applies: the kernel OOM-kills Redis at the limit."""
+    admin = redis.Redis(port=acl_redis, password=PASSWORDS["REDIS_ADMIN_PASSWORD"])
+    cap = int(admin.config_get("maxmemory")["maxmemory"])
+    docs = yaml.safe_load_all((KUSTOMIZE / "base" / "redis.yaml").read_text())
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    limit = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    limit_bytes = int(limit[:-2]) * 2**30
+    # Headroom for the AOF rewrite's fork and the allocator's overhead.
+    assert 0 < cap <= 0.75 * limit_bytes
+    storage = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    assert int(storage[:-2]) * 2**30 >= 2 * cap  # an AOF rewrite holds the old file and the new
+
+
+def test_a_full_redis_refuses_a_publish_readably_and_keeps_what_it_has(acl_redis):
+    admin = redis.Redis(port=acl_redis, password=PASSWORDS["REDIS_ADMIN_PASSWORD"])
+    train = store_as("uda-train", acl_redis, PASSWORDS["REDIS_TRAIN_PASSWORD"])
+    kept = train.publish("Cl2Pr", residual_blob("Cl2Pr", 5))
+    cap = admin.config_get("maxmemory")["maxmemory"]
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) // 2)  # full now
+    try:
+        with pytest.raises(ResidualStoreError, match="is full") as refused:
+            train.publish("Cl2Pr", residual_blob("Cl2Pr", 6))
+        assert "uda-store rm" in str(refused.value) and "maxmemory" in str(refused.value)
+    finally:
+        admin.config_set("maxmemory", cap)
+    assert train.current_versions()["Cl2Pr"] == (kept.version, kept.sha256)
+    assert [v.version for v in train.versions("Cl2Pr")] == [kept.version]
+    train.delete("Cl2Pr")
 
 
 def test_trainer_writes_server_reads_and_follows(acl_redis):
