@@ -60,8 +60,14 @@ def build_head(head_type: str, state: dict[str, torch.Tensor]) -> nn.Module:
     if fc is None or fc.ndim != 2:
         raise ValueError("head.fc.weight missing or not a 2-D tensor")
     num_classes, dim = fc.shape
-    head = (TaskHead if head_type == "bn-ln-linear" else CosineHead)(dim, num_classes)
-    expected = head.state_dict()
+    if num_classes < 1 or dim < 1:
+        # A [0, D] weight takes no bytes in a file, so D would be unbounded by the file's size:
+        # refuse it before a head of width D is allocated.
+        raise ValueError(f"head.fc.weight has shape {tuple(fc.shape)}: it needs at least one "
+                         "class and one feature")
+    cls = TaskHead if head_type == "bn-ln-linear" else CosineHead
+    with torch.device("meta"):  # shapes only: nothing is allocated before they are checked
+        expected = cls(dim, num_classes).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -70,6 +76,9 @@ def build_head(head_type: str, state: dict[str, torch.Tensor]) -> nn.Module:
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(f"head.{key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+        if key.endswith("running_var") and bool((state[key] < 0).any()):
+            raise ValueError(f"head.{key} has negative variances: every score would be NaN")
+    head = cls(dim, num_classes)
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return head.eval()
 

@@ -291,12 +291,13 @@ def _check_structure(residual: Residual) -> None:
     for key, t in residual.head.items():
         if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
             raise ResidualFormatError(f"head.{key} contains NaN or Inf")
+    fc = residual.head.get("fc.weight")
+    if fc is not None and fc.ndim == 2 and fc.shape[0] != len(classes):
+        raise ResidualFormatError(f"head has {fc.shape[0]} outputs for {len(classes)} classes")
     try:
-        head = build_head(residual.head_type, residual.head)
+        build_head(residual.head_type, residual.head)
     except ValueError as e:
         raise ResidualFormatError(str(e)) from e
-    if head.fc.weight.shape[0] != len(classes):
-        raise ResidualFormatError(f"head has {head.fc.weight.shape[0]} outputs for {len(classes)} classes")
     if residual.metadata["dsp"] != str(residual.dsp):
         raise ResidualFormatError(f"metadata dsp {residual.metadata['dsp']} does not match the "
                                   f"file's {residual.dsp} downstream parameters")

@@ -40,7 +40,7 @@ from residual_store import (
     to_bytes,
 )
 from residual_store.flat import ParamLayout
-from residual_store.head import head_parameter_count
+from residual_store.head import build_head, head_parameter_count
 from residual_store.residual import MAX_HEADER_BYTES, REQUIRED_METADATA
 
 DENSITIES = (1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
@@ -369,6 +369,18 @@ def test_head_tensors_that_do_not_fit_its_type():
     tensors["head.ln.weight"] = torch.ones(32)
     with pytest.raises(ResidualFormatError, match=r"head\.ln\.weight has shape \(32,\), expected \(64,\)"):
         parse_parts(tensors, metadata)
+
+
+def test_head_with_no_classes_or_negative_variances():
+    tensors, metadata = valid_parts()
+    metadata["head_type"] = "bn-ln-linear"
+    tensors.update({f"head.{k}": v for k, v in make_head("bn-ln-linear", 64, 3).state_dict().items()})
+    tensors["head.bn.running_var"] = torch.ones(64)
+    tensors["head.bn.running_var"][5] = -1.0
+    with pytest.raises(ResidualFormatError, match=r"head\.bn\.running_var has negative variances"):
+        parse_parts(tensors, metadata)
+    with pytest.raises(ValueError, match="at least one class and one feature"):
+        build_head("cosine", {"fc.weight": torch.zeros(0, 1 << 40, device="meta")})
 
 
 def test_head_missing_or_not_2d():

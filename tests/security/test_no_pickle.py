@@ -162,6 +162,9 @@ def _payloads(marker: str) -> dict[str, Callable[[], bytes]]:
             "dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 4),
         "offsets_beyond_the_file": lambda: _file({"__metadata__": META, "visual.a.values": {
             "dtype": "F32", "shape": [1024], "data_offsets": [0, 4096]}}, b"\0" * 16),
+        # Zero rows take zero bytes, so nothing in the file bounds the width of the head.
+        "head_of_no_classes_and_huge_width": lambda: _file({"__metadata__": META, "head.fc.weight": {
+            "dtype": "F32", "shape": [0, 1 << 40], "data_offsets": [0, 0]}}),
         "60k_tensor_entries": lambda: _file({"__metadata__": META, **_many_entries()}),
         "huge_metadata_string": lambda: _file({"__metadata__": {**META, "config": "x" * (15 << 20)}}),
         "nul_and_unicode_names": lambda: _file({"__metadata__": META, "visual.\u0000/../\u202e.values": {
