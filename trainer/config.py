@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from residual_store.errors import InvalidTaskName, ResidualStoreError, one_line
-from residual_store.stores import open_store, validate_task_name
+from residual_store.stores import open_store, redact_url, validate_task_name
 from trainer.errors import ConfigError
 
 Method = Literal["cmkd", "baseline", "zeroshot"]
@@ -121,8 +121,14 @@ class TrainConfig:
         return f"{src.name}2{tgt.name}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly values (paths as strings) for metadata, reports and checkpoints."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-friendly values (paths as strings) for metadata, reports and checkpoints.
+
+        A password in --publish is masked: this dict goes into the published residual, which
+        every reader of the store (the servers' read-only user, `uda-store show`) can see."""
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        if out["publish"] is not None:
+            out["publish"] = redact_url(out["publish"])
+        return out
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:

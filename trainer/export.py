@@ -174,18 +174,23 @@ def write_report(workdir: Path, report: dict[str, Any]) -> None:
 
 def publish(blob: bytes, task: str, url: str, artifact: Path):
     """Publish atomically; PublishError (artifact kept) with the command to retry later."""
-    from residual_store.stores import open_store
+    from residual_store.stores import open_store, redact_url
 
-    later = f"uda-store import {artifact} --task {task} --store {url}"
+    # Messages land on stderr and in report.json: the password stays out of both.
+    shown = redact_url(url)
+    bare = redact_url(url, mask=None)
+    later = f"uda-store import {artifact} --task {task} --store {bare}"
+    if bare != url:
+        later = f"REDIS_PASSWORD=... {later}"
     try:
         store = open_store(url)
     except (ResidualStoreError, ValueError, OSError) as e:
-        raise PublishError(f"could not open store {url}: {one_line(e)}. The residual is saved "
-                           f"at {artifact}; publish it later with: {later}") from e
+        raise PublishError(f"could not open store {shown}: {one_line(e).replace(url, shown)}. The residual is "
+                           f"saved at {artifact}; publish it later with: {later}") from e
     try:
         return store.publish(task, blob), store.url
     except (ResidualStoreError, OSError, ValueError) as e:
-        raise PublishError(f"could not publish to {url}: {one_line(e)}. The residual is saved "
+        raise PublishError(f"could not publish to {shown}: {one_line(e)}. The residual is saved "
                            f"at {artifact}; publish it later with: {later}") from e
     finally:
         store.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from residual_store.stores.base import (
     DEFAULT_KEEP,
@@ -21,10 +21,23 @@ __all__ = [
     "TaskInfo",
     "VersionInfo",
     "open_store",
+    "redact_url",
     "validate_task_name",
 ]
 
 _EXAMPLES = "./residuals, file:///data/residuals or redis://redis:6379/0?prefix=uda:"
+
+
+def redact_url(url: str, mask: str | None = "***") -> str:
+    """`url` safe to print, log or store: a password in it becomes `mask`, or is dropped with
+    its colon when mask is None. Anything that is not a URL with a password comes back as is."""
+    parts = urlsplit(str(url))
+    if not parts.password:
+        return str(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{user}@{host}" if mask is None else f"{user}:{mask}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(url: str | Path, **kw: Any) -> ResidualStore:

@@ -32,6 +32,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from residual_store.errors import IntegrityError, ResidualStoreError, StoreUnavailable, UnknownTask
+from residual_store.stores import redact_url
 from residual_store.stores.base import (
     DEFAULT_KEEP,
     TASK_NAME_RE,
@@ -105,11 +106,7 @@ def _split_url(url: str, prefix: str | None) -> tuple[str, str, str, str]:
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     clean = urlunsplit(parts._replace(query=rest))
     where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    if parts.password:  # never print a password
-        netloc = f"{parts.username or ''}:***@{netloc}"
-    shown = urlunsplit(parts._replace(netloc=netloc))
-    return clean, prefix, where, shown
+    return clean, prefix, where, redact_url(url)  # never print a password
 
 
 class RedisStore(ResidualStore):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from residual_store.stores import open_store
+from residual_store.stores import open_store, redact_url
 from residual_store.stores.directory import DirectoryStore
 from residual_store.stores.redis_store import RedisStore
 
@@ -21,6 +21,17 @@ def test_redis_urls_open_a_redis_store_without_connecting():
     store = open_store("redis://nowhere.invalid:6379/0?prefix=p:", keep=9)
     assert isinstance(store, RedisStore) and store.prefix == "p:" and store.keep == 9
     assert isinstance(open_store("rediss://nowhere.invalid:6380"), RedisStore)
+
+
+def test_passwords_are_masked_wherever_a_url_is_shown():
+    url = "redis://u:p%40ss@h:6380/1?prefix=x:"
+    assert redact_url(url) == "redis://u:***@h:6380/1?prefix=x:"
+    assert redact_url(url, mask=None) == "redis://u@h:6380/1?prefix=x:"
+    assert redact_url("rediss://:only-pw@h") == "rediss://:***@h"
+    for plain in ("redis://u@h:6379/0", "redis://h", "./residuals", "/data/store"):
+        assert redact_url(plain) == plain and redact_url(plain, mask=None) == plain
+    assert open_store(url).url == "redis://u:***@h:6380/1?prefix=x:"
+    assert "p%40ss" not in repr(open_store(url))
 
 
 @pytest.mark.parametrize("url", ["", "   ", "s3://bucket/x", "http://h:6379", "file://"])

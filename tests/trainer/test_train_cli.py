@@ -272,6 +272,20 @@ def test_unreachable_store_keeps_the_artifact(train, tmp_path, capsys):
     assert "publish_error" in json.loads((tmp_path / "run" / "report.json").read_text())
 
 
+def test_a_password_in_the_publish_url_is_never_written_or_printed(train, tmp_path, capsys):
+    url = "redis://uda-train:s3cret-pw@127.0.0.1:1/0?prefix=uda:"
+    assert train(tmp_path / "run", "--publish", url, "--task", "p2s") == 1
+    err = capsys.readouterr().err
+    assert "s3cret-pw" not in err
+    assert "REDIS_PASSWORD=... uda-store import" in err and "redis://uda-train@127.0.0.1:1/0" in err
+    # The residual's metadata is readable by every store user; the report and checkpoint sit on disk.
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert b"s3cret-pw" not in path.read_bytes(), path
+    config = json.loads(residual_of(tmp_path / "run").metadata["config"])
+    assert config["publish"] == "redis://uda-train:***@127.0.0.1:1/0?prefix=uda:"
+
+
 def test_dry_run_trains_nothing(train, tmp_path, capsys):
     assert train(tmp_path / "run", "--dry-run", "--rst") == 0
     out = capsys.readouterr().out
