@@ -33,6 +33,7 @@ import torch
 from bench import common
 from residual_store import BaseSpec, FlatResidual, make_residual
 from residual_store.errors import BaseModelError
+from residual_store.numerics import fp32_precision
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +79,13 @@ def default_modes(device: torch.device) -> tuple[str, ...]:
 def precision(mode: str, device: torch.device):
     """The numeric mode of every forward run inside."""
     if mode == "fp32":
-        yield
+        with fp32_precision("ieee"):  # the reference: what the server computes
+            yield
     elif mode == "tf32":
         if device.type != "cuda":
             raise ValueError("tf32 is a CUDA matmul mode: run with --device cuda, or drop it from --modes")
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
+        with fp32_precision("tf32"):
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     else:
         with torch.autocast(device.type, dtype=HALF[mode]):
             yield

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from residual_store import BaseSpec, FlatParams, FlatResidual, PackedResidual, embed_dim, fingerprint, input_size
+from residual_store.numerics import set_fp32_precision
 from residual_store.swap import apply_residual, restore_residual
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class SwapEngine:
     def setup(self) -> None:
         """Build the base on the device and flatten its image encoder (heavy: seconds)."""
         self.device = resolve_device(self.requested_device)
+        # Exact fp32 for the whole serving process: PyTorch's default lets cuDNN convolutions
+        # run in TF32, which rounds residual deltas away (residual_store/numerics.py).
+        set_fp32_precision("ieee")
         model = self.spec.build(self.device)
         model.requires_grad_(False)
         visual = model.visual

@@ -26,6 +26,7 @@ from residual_store.base import BaseSpec, fingerprint
 from residual_store.errors import ResidualStoreError, one_line
 from residual_store.flat import FlatParams
 from residual_store.head import CosineHead
+from residual_store.numerics import fp32_precision
 from residual_store.residual import Residual, check_compatible, extract, from_bytes, make_residual, to_bytes
 from residual_store.swap import apply_residual
 from trainer import data
@@ -85,6 +86,12 @@ def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: in
     An image that cannot be read any more is left out and appended to `skipped` (the run's
     list, so a file that already failed in training is not reported twice).
     """
+    with fp32_precision("ieee"):  # what the server computes: no TF32 convolutions on a GPU
+        return _evaluate(blob, spec, domain, size, device, batch_size, workers, skipped)
+
+
+def _evaluate(blob: bytes, spec: BaseSpec, domain: data.Domain, size: int, device: torch.device,
+              batch_size: int, workers: int, skipped: list[data.Skipped] | None) -> Evaluation:
     started = time.perf_counter()
     model = spec.build(device)
     visual = model.visual.float()
