@@ -60,6 +60,9 @@ class Batcher:
         self._depth = 0
         self._closed = False
         self.cond = threading.Condition()
+        # Bumped on every notification, under `cond`: a model thread that read it before looking
+        # at the queues sleeps only if nothing happened since (see wait).
+        self._changes = 0
 
     # -- producer side --------------------------------------------------------------------------
 
@@ -74,13 +77,13 @@ class Batcher:
             self._queues.setdefault(request.task, deque()).append(request)
             self._depth += 1
             self._on_depth(self._depth)
-            self.cond.notify_all()
+            self._wake()
 
     def close(self) -> None:
         """Refuse new requests; queued ones stay for the model thread to finish."""
         with self.cond:
             self._closed = True
-            self.cond.notify_all()
+            self._wake()
 
     @property
     def closed(self) -> bool:
@@ -89,7 +92,11 @@ class Batcher:
     def notify(self) -> None:
         """Wake the model thread (a residual finished loading, the catalog changed...)."""
         with self.cond:
-            self.cond.notify_all()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changes += 1
+        self.cond.notify_all()
 
     # -- consumer side (model thread) -------------------------------------------------------------
 
@@ -171,7 +178,15 @@ class Batcher:
             deadlines = [r.deadline for q in self._queues.values() for r in q]
             return min(deadlines) if deadlines else None
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until notified or `timeout` seconds pass."""
+    @property
+    def changes(self) -> int:
+        """How many notifications so far: read it before looking at the queues, pass it to wait."""
+        return self._changes
+
+    def wait(self, timeout: float, seen: int) -> None:
+        """Sleep until a notification after `seen` (an earlier `changes`) or `timeout` seconds
+        pass. The model thread looks at the queues without the lock held: a submit or a finished
+        load between that look and this call has bumped `changes`, so it returns at once instead
+        of sleeping the full timeout."""
         with self.cond:
-            self.cond.wait(timeout)
+            self.cond.wait_for(lambda: self._changes != seen, timeout)

@@ -89,6 +89,7 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while True:
+            seen = self.batcher.changes  # before anything is looked at: see Batcher.wait
             if self._stop_at is not None and (self.batcher.depth == 0 or time.monotonic() > self._stop_at):
                 return
             try:
@@ -97,7 +98,7 @@ class ModelWorker:
                 logger.exception("model thread step failed")
                 ran = True
             if not ran:
-                self.batcher.wait(self._sleep_s())
+                self.batcher.wait(self._sleep_s(), seen)
 
     def _sleep_s(self) -> float:
         deadline = self.batcher.next_deadline()

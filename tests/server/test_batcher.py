@@ -2,6 +2,8 @@
 the applied task, the starvation bound, the queue bound and expiry."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -175,3 +177,29 @@ def test_expired_and_cancelled_requests_are_removed():
     assert b.depth == 1
     task, batch = b.pick(None, everyone)
     assert batch == [keep]
+
+
+def test_a_notification_between_the_look_and_the_wait_is_not_lost():
+    """The model thread reads `changes`, finds nothing to run, then waits: a submit landing in
+    between must end the wait at once, not after the full timeout."""
+    clock = Clock()
+    b = make(clock)
+    woke = threading.Event()
+
+    def model_thread(seen):
+        b.wait(60.0, seen)
+        woke.set()
+
+    seen = b.changes
+    assert b.pick(None, everyone) is None  # nothing queued yet
+    submit(b, clock, "A")  # before the thread got to wait
+    thread = threading.Thread(target=model_thread, args=(seen,), daemon=True)
+    thread.start()
+    assert woke.wait(10), "the submit before the wait was lost: the thread sleeps its full timeout"
+
+    woke.clear()  # nothing new since `changes` was read: it sleeps until the next notification
+    thread = threading.Thread(target=model_thread, args=(b.changes,), daemon=True)
+    thread.start()
+    assert not woke.wait(0.2)
+    b.notify()
+    assert woke.wait(10)
