@@ -108,7 +108,9 @@ async def read_v2_images(request: Request, max_files: int, max_image_bytes: int,
     raw = await read_body(request, body_limit(max_files, max_image_bytes, base64_json=True), timeout)
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: besides JSONDecodeError (a subclass), an integer literal beyond Python's
+        # 4300-digit conversion limit; RecursionError: arrays or objects nested too deep.
         raise ImageRejected("bad_request", f"infer body is not JSON: {e}") from e
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or not inputs:

@@ -188,6 +188,16 @@ def test_bad_v2_bodies(client):
         assert resp.status_code == status and set(resp.json()) == {"error", "detail"}
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,  # nested deeper than the JSON parser recurses
+    b'{"inputs": [{"name": "image", "datatype": "BYTES", "data": ["a"]}], "id": ' + b"7" * 5000 + b"}",
+], ids=["deep_nesting", "huge_integer"])
+def test_v2_bodies_python_cannot_parse_are_400(client, body):
+    resp = client.post("/v2/models/Ar2Cl/infer", content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "bad request" and "not JSON" in resp.json()["detail"]
+
+
 def test_admin_auth(client):
     assert client.post("/admin/reload").status_code == 401
     resp = client.post("/admin/reload", headers={"authorization": "Bearer wrong-token"})
