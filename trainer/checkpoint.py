@@ -6,12 +6,12 @@ checkpoint; read with `torch.load(weights_only=True)`, so loading never unpickle
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from residual_store.atomic import atomic_write
 from trainer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -34,9 +34,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Durable before the old checkpoint is replaced: a power cut must not leave neither.
+    atomic_write(path, lambda f: torch.save(state, f))
     logger.info("checkpoint at step %d written to %s", state["step"], path)
 
 
@@ -45,10 +44,14 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}: run once without --resume (or point "
                               "--workdir at the run to continue)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError on bad files
         raise CheckpointError(f"checkpoint {path} is not readable ({' '.join(str(e).split())[:200]}): "
                               "delete it and start again without --resume") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a uda-train checkpoint (no training state in it): "
+                              "point --workdir at a uda-train run, or start without --resume")
+    return state
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...]) -> list[str]:

@@ -32,7 +32,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
 TRAINING_FIELDS = ("model", "pretrained", "method", "rst", "tau", "fixmatch", "epochs",
                    "iters_per_epoch", "batch_size", "lr", "head_lr_mult", "seed", "prompt",
                    "label_smoothing", "lambda1", "lambda2", "lambda3", "gamma", "ramp_max_steps",
-                   "fixmatch_threshold")
+                   "fixmatch_threshold", "amp")
 
 
 @dataclasses.dataclass

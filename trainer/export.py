@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from residual_store.atomic import atomic_write
 from residual_store.base import BaseSpec, fingerprint
 from residual_store.errors import ResidualStoreError, one_line
 from residual_store.flat import FlatParams
@@ -117,9 +117,7 @@ def embed_dim_of(visual: torch.nn.Module) -> int:
 
 def write_atomic(path: Path, blob: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    atomic_write(path, blob)
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ Checkpoints are written at step boundaries only, Ctrl-C included (trainer/interr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from residual_store.base import BaseSpec, backbone_family, embed_dim, fingerprint, input_size
+from residual_store.errors import one_line
 from residual_store.flat import FlatParams
 from residual_store.head import TaskHead
 from trainer import checkpoint, data, distributed
@@ -162,6 +164,7 @@ class Trainer:
         return {
             "step": self.step,
             "config": {k: self.cfg.to_dict()[k] for k in TRAINING_FIELDS},
+            "run": self._run_identity(),
             "base_fingerprint": self.base_fingerprint,
             "encoder": self.flat.buffer.detach().cpu().clone(),
             "head": self.net.head.state_dict(),
@@ -176,10 +179,27 @@ class Trainer:
             checkpoint.save(self.checkpoint_path, self._checkpoint_state())
         self.checkpoint_step = self.step
 
+    def _run_identity(self) -> dict[str, Any]:
+        """What besides the flags makes a resumed run train the same weights: the images (by
+        content) and their labels, the class names the prompts use, and the process count
+        (it sets each rank's sample stream)."""
+        data_digest = hashlib.sha256()
+        for domain in (self.source, self.target):
+            labels = domain.labels or [None] * len(domain.digests)
+            for digest, label in zip(domain.digests, labels):
+                data_digest.update(f"{digest}:{label}\n".encode())
+            data_digest.update(b"--\n")
+        return {"classes": list(self.class_names), "data_sha256": data_digest.hexdigest(),
+                "world": self.world}
+
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.checkpoint_path)
         changed = checkpoint.config_differences(state.get("config", {}), self.cfg.to_dict(),
                                                 TRAINING_FIELDS)
+        if "run" in state:  # checkpoints from before the run identity was recorded lack it
+            now = self._run_identity()
+            changed += [f"{k}: {_short(state['run'].get(k))} -> {_short(v)}"
+                        for k, v in now.items() if state["run"].get(k) != v]
         if changed:
             raise CheckpointError(f"{self.checkpoint_path} was written with other settings "
                                   f"({'; '.join(changed)}): use the same flags, or start a new "
@@ -188,13 +208,17 @@ class Trainer:
             raise CheckpointError(f"{self.checkpoint_path} belongs to another base model "
                                   f"(fingerprint {str(state.get('base_fingerprint'))[:12]}, this "
                                   f"base is {self.base_fingerprint[:12]})")
-        with torch.no_grad():
-            self.flat.buffer.copy_(state["encoder"].to(self.device))
-        self.net.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_states(state["rng"])
-        self.step = self.checkpoint_step = int(state["step"])
+        try:
+            with torch.no_grad():
+                self.flat.buffer.copy_(state["encoder"].to(self.device))
+            self.net.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            checkpoint.set_rng_states(state["rng"])
+            self.step = self.checkpoint_step = int(state["step"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({one_line(e)[:200]}): "
+                                  "start a new --workdir without --resume") from e
         logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
 
     # -- training ------------------------------------------------------------------------------
@@ -351,3 +375,9 @@ def _logged_step(line: str) -> float:
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def _short(value: Any) -> str:
+    """A checkpoint value fit for a one-line error (class lists and digests get long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

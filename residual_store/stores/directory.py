@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from residual_store.atomic import TMP_PREFIX, atomic_write
 from residual_store.errors import IntegrityError, ResidualStoreError, StoreUnavailable, UnknownTask
 from residual_store.stores.base import (
     DEFAULT_KEEP,
@@ -45,37 +45,11 @@ POLL_INTERVAL_S = 0.2  # how often events() compares current_versions()
 # tick of a coarse (1-2 s, NFS/FAT) mtime could otherwise keep all three.
 _STABLE_AFTER_S = 2.0
 _BLOB_RE = re.compile(r"^v(\d{8,})\.safetensors$")
-_TMP_PREFIX = ".tmp-"
 _READ_RETRIES = 3  # a blob trimmed between reading the index and opening it: read again
 
 
 def _blob_name(version: int) -> str:
     return f"v{version:08d}.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_nofollow(path: Path) -> bytes:
@@ -162,7 +136,7 @@ class DirectoryStore(ResidualStore):
 
     def _write_index(self, path: Path, index: dict[str, Any]) -> None:
         data = dict(index, versions={str(v): rec for v, rec in sorted(index["versions"].items())})
-        _atomic_write(path / "index.json", json.dumps(data, indent=1, sort_keys=True).encode())
+        atomic_write(path / "index.json", json.dumps(data, indent=1, sort_keys=True).encode())
 
     def _live_index(self, task: str) -> tuple[Path, dict[str, Any]]:
         """The folder and index of a task that has a current version, else UnknownTask."""
@@ -289,7 +263,7 @@ class DirectoryStore(ResidualStore):
             info = VersionInfo(task=task, version=version,
                                sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
                                created=time.time(), metadata=metadata)
-            _atomic_write(path / _blob_name(version), blob)  # blob first, index second
+            atomic_write(path / _blob_name(version), blob)  # blob first, index second
             index["versions"][version] = {"sha256": info.sha256, "size": info.size,
                                           "created": info.created, "metadata": metadata}
             for old in sorted(index["versions"])[:-self.keep]:
@@ -325,7 +299,7 @@ class DirectoryStore(ResidualStore):
         """
         for name in os.listdir(path):
             m = _BLOB_RE.match(name)
-            stale = (m and int(m.group(1)) not in index["versions"]) or name.startswith(_TMP_PREFIX)
+            stale = (m and int(m.group(1)) not in index["versions"]) or name.startswith(TMP_PREFIX)
             if stale:
                 with contextlib.suppress(FileNotFoundError):
                     (path / name).unlink()

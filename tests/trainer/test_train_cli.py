@@ -90,6 +90,40 @@ def test_resume_refuses_other_settings(train, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"PK\x03\x04 torn by a crash", "is not readable"),
+    (None, "is not a uda-train checkpoint"),  # a valid torch file of something else
+])
+def test_resume_from_a_broken_or_foreign_checkpoint_is_one_line(train, tmp_path, capsys, content, message):
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    if content is None:
+        torch.save([torch.zeros(2)], ckpt)
+    else:
+        ckpt.write_bytes(content)
+    assert train(tmp_path / "run", "--resume") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_resume_refuses_other_images_or_classes(train, world_copy, tmp_path, capsys):
+    src, tgt = world_copy["photo"], world_copy["sketch"]
+    assert train(tmp_path / "run", "--stop-after", "1", source=src, target=tgt) == 0
+    capsys.readouterr()
+
+    victim = sorted(p for p in tgt.rglob("*") if p.is_file())[0]
+    victim.unlink()  # one target image fewer: the sample stream is not the one checkpointed
+    assert train(tmp_path / "run", "--resume", source=src, target=tgt) == 2
+    err = capsys.readouterr().err
+    assert "data_sha256" in err and err.count("\n") == 1 and "Traceback" not in err
+
+    for domain in (src, tgt):  # a new class: the head no longer has the checkpoint's shape
+        shutil.copytree(domain / "circle", domain / "zigzag")
+    assert train(tmp_path / "run", "--resume", source=src, target=tgt) == 2
+    err = capsys.readouterr().err
+    assert "classes:" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_target_class_names_cannot_influence_training(train, world_copy, tmp_path):
     assert train(tmp_path / "a", "--rst", source=world_copy["photo"], target=world_copy["sketch"]) == 0
     sk = world_copy["sketch"]
