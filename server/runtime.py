@@ -214,8 +214,11 @@ class ServeRuntime:
         except TimeoutError as e:
             raise RequestTimeout(f"no answer within --request-timeout {timeout:g} s") from e
         finally:
-            if not future.done():
-                request.cancelled = True  # timed out or client gone: skip the work
+            # wait_for cancels `future` whenever it gives up, on its timeout and when this task is
+            # cancelled (uvicorn cancels the requests still open when its graceful shutdown times
+            # out): nobody will read the answer, so the model thread skips the work.
+            if future.cancelled():
+                request.cancelled = True
 
     # -- listing -----------------------------------------------------------------------------------
 

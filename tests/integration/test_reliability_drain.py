@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -16,6 +17,8 @@ import pytest
 import reliability_support as rs
 
 from residual_store.stores import open_store
+from server.config import ServeConfig
+from server.embedded import EmbeddedServer
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +93,49 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_work(tmp_path):
     assert proc.returncode == 0, out
     assert exited_after < GRACE_S, f"exit took {exited_after:.0f} s, the grace period is {GRACE_S} s"
     assert "Traceback" not in out and "uda-serve: stopped" in out
+
+
+
+def test_requests_cancelled_by_the_shutdown_are_not_computed(tmp_path):
+    """uvicorn's graceful shutdown gives up after --grace-period and cancels the requests still
+    open; nobody reads their answers any more, so the drain must skip them instead of running
+    one batch each."""
+    v1 = rs.make_version("A", 1)
+    open_store(str(tmp_path / "store")).publish("A", v1.blob)
+    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, max_batch=1,
+                      grace_period=1.0)
+    srv = EmbeddedServer(cfg).start()
+    stopper = threading.Thread(target=srv.stop)
+    lock = srv.runtime.engine._lock
+    held = False
+
+    def call(_):
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            try:
+                return rs.predict(c, "A").status_code
+            except httpx.TransportError as e:
+                return type(e).__name__
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert rs.matches(rs.predict(http, "A"), v1)  # resident: nothing left to load
+        before = sum(w.batches for w in srv.runtime.workers)
+        lock.acquire()  # the model thread stops inside the next batch
+        held = True
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call, i) for i in range(4)]
+            rs.wait_for("one request held in its batch, three queued",
+                        lambda: srv.runtime.batcher.depth == 3)
+            stopper.start()
+            # Each client has an answer (uvicorn's 500) once uvicorn cancelled its request.
+            outcomes = [f.result(60) for f in futures]
+        lock.release()
+        held = False
+    finally:
+        if held:
+            lock.release()
+        if not stopper.is_alive() and stopper.ident is None:
+            stopper.start()
+        stopper.join(60)
+    assert 200 not in outcomes, outcomes  # the shutdown cancelled all four
+    assert sum(w.batches for w in srv.runtime.workers) == before + 1  # only the held batch ran
