@@ -153,7 +153,7 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
                         f"name ({type(e).__name__}: {e}); write literal braces as {{{{ }}}}, e.g. "
                         "'a photo of a {}.'")
     else:
-        if "{}" not in cfg.prompt:
+        if cfg.prompt.format("a") == cfg.prompt.format("b"):  # no "{}", or only an escaped "{{}}"
             problems.append(f"--prompt {cfg.prompt!r} must contain '{{}}' where the class name goes")
     if cfg.classes_file is not None and not Path(cfg.classes_file).is_file():
         problems.append(f"--classes {str(cfg.classes_file)!r} is not a readable file")

@@ -51,3 +51,18 @@ def test_family_defaults_fill_only_unset_values(tmp_path):
 def test_task_name_defaults_to_domains(tmp_path):
     cfg = TrainConfig(data_root=tmp_path, source_domain="Art", target_domain="Clipart")
     assert cfg.task_name() == "Art2Clipart"
+
+
+@pytest.mark.parametrize("prompt, ok", [
+    ("a photo of a {}.", True), ("{} in {{braces}}", True),
+    ("no placeholder", False), ("a photo of {{}}", False),  # escaped: every class reads the same
+    ("a {kind} photo", False), ("{0} and {1}", False),
+])
+def test_prompt_must_put_the_class_name_somewhere(tmp_path, prompt, ok):
+    cfg = TrainConfig(source=tmp_path, target=tmp_path, prompt=prompt)
+    try:
+        cfg.validate()
+        problems = []
+    except ConfigError as e:
+        problems = [p for p in e.problems if p.startswith("--prompt")]
+    assert (problems == []) == ok, problems
