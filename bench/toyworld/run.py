@@ -68,7 +68,7 @@ class RunConfig:
     epochs: int = 4  # uda-train --epochs
     iters_per_epoch: int = 100  # uda-train --iters-per-epoch
     batch_size: int = 32  # uda-train --batch-size (images per domain per step)
-    lr: float | None = None  # uda-train --lr; None: the trainer's family default (ViT 3e-6)
+    lr: float | None = None  # uda-train --lr; None: the trainer's family default (the toy teacher is a ResNet: 3e-7)
     head_lr_mult: float | None = None  # uda-train --head-lr-mult; None: family default (ViT 1000)
     tau: float | None = None  # uda-train --tau for RST; None: family default (ViT 1e-6)
     extra: tuple[str, ...] = ()  # more uda-train flags, passed to every trained run
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--iters-per-epoch", type=int, default=d.iters_per_epoch, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, help="uda-train --lr (default: the trainer's, ViT 3e-6)")
+    p.add_argument("--lr", type=float, help="uda-train --lr (default: the trainer's; the toy teacher is a ResNet: 3e-7)")
     p.add_argument("--head-lr-mult", type=float, help="uda-train --head-lr-mult (default: the trainer's)")
     p.add_argument("--tau", type=float, help="uda-train --tau for RST (default: the trainer's)")
     p.add_argument("--extra", default="", help="more uda-train flags, e.g. \"--ramp-max-steps 10000\"")

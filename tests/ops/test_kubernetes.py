@@ -132,6 +132,13 @@ HASH_BY = "nginx.ingress.kubernetes.io/upstream-hash-by"
 def route(ingresses: list[dict], target: str) -> tuple[dict, dict]:
     """(Ingress, path entry) ingress-nginx picks for `target`: the longest matching Prefix path
     over every Ingress of the (single, host-less) server."""
+    candidates = matching_paths(ingresses, target)
+    assert candidates, f"no Ingress path serves {target}"
+    _, ing, entry = max(candidates, key=lambda c: c[0])
+    return ing, entry
+
+
+def matching_paths(ingresses: list[dict], target: str) -> list[tuple[int, dict, dict]]:
     path = urlsplit(target).path
     candidates = []
     for ing in ingresses:
@@ -142,9 +149,7 @@ def route(ingresses: list[dict], target: str) -> tuple[dict, dict]:
             prefix = entry["path"].rstrip("/")
             if path == prefix or path.startswith(prefix + "/"):
                 candidates.append((len(prefix), ing, entry))
-    assert candidates, f"no Ingress path serves {target}"
-    _, ing, entry = max(candidates, key=lambda c: c[0])
-    return ing, entry
+    return candidates
 
 
 def nginx_value(expression: str, target: str) -> str:
@@ -184,6 +189,28 @@ def test_ingress_routes_by_task_with_consistent_hashing():
     assert seen["Ar2Cl"][0] != seen["Pr2Rw"][0] and seen["Ar2Cl"][1] != seen["Pr2Rw"][1]
     assert upstream_and_key(ingresses, "/predict?task=Ar2Cl")[0] == "uda-serve"
     assert upstream_and_key(ingresses, "/v2/models/Ar2Cl/infer")[0] == "uda-serve-v2"
+
+
+def test_ingress_routes_the_public_api_only():
+    ingresses = [r for r in rendered("base") if r["kind"] == "Ingress"]
+    for public in ("/predict?task=A", "/v2/models/A/infer", "/v2/health/ready", "/tasks",
+                   "/healthz", "/readyz?store=optional", "/openapi.json"):
+        assert matching_paths(ingresses, public), public
+    for private in ("/metrics", "/admin/reload", "/admin/tasks/A/load", "/admin/fingerprint"):
+        assert not matching_paths(ingresses, private), f"{private} is reachable from outside"
+
+
+def test_ingress_body_limit_lets_the_server_answer_a_too_large_image():
+    """nginx's own 413 is an HTML page: up to one image of the server's limit, base64 JSON
+    included, the body must reach the server, whose 413 is JSON."""
+    from server.config import ServeConfig
+    from server.uploads import body_limit
+
+    needed = body_limit(1, ServeConfig().max_image_bytes, base64_json=True)
+    for ing in (r for r in rendered("base") if r["kind"] == "Ingress"):
+        size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+        assert size.endswith("m")
+        assert int(size[:-1]) * 2**20 >= needed, ing["metadata"]["name"]
 
 
 def test_each_hash_key_has_its_own_service():
