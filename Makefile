@@ -10,8 +10,11 @@ STORE ?= ./residuals
 
 .PHONY: venv test run redis prometheus clean
 
+# A venv whose creation failed half-way (Debian without python3.11-venv leaves a python but
+# no pip) is made again rather than reused.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || \
+	  { echo "make: could not create $(VENV) with $(PYTHON): install python3.11 and python3.11-venv (Debian/Ubuntu: apt-get install python3.11-venv)" >&2; rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@

@@ -58,3 +58,23 @@ def test_ensure_fails_clearly_where_it_cannot_install(tmp_path):
                           env={**os.environ, "PATH": str(tmp_path / "bin")})
     assert done.returncode == 1
     assert "redis-server redis-cli not found and no apt-get here: install redis-server" in done.stderr
+
+
+def test_make_replaces_a_half_created_venv_and_says_what_to_install(tmp_path):
+    """`python3.11 -m venv` without Debian's python3.11-venv leaves bin/python but no pip: the
+    next `make` must not keep failing on that husk."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    husk = venv / "bin" / "python"
+    husk.write_text("#!/bin/sh\necho 'No module named pip' >&2\nexit 1\n")
+    husk.chmod(0o755)
+    no_venv = tmp_path / "python3.11"  # a Python whose venv module is missing, as on bare Debian
+    no_venv.write_text("#!/bin/sh\necho 'ensurepip is not available' >&2\nexit 1\n")
+    no_venv.chmod(0o755)
+    done = subprocess.run(["make", "venv", f"VENV={venv}", f"PYTHON={no_venv}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "python3.11-venv" in done.stderr, done.stderr
+    assert not venv.exists()  # gone, so the next make after the install starts clean
