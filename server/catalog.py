@@ -132,6 +132,9 @@ class Catalog:
     def reconcile(self) -> bool:
         """Compare with the store's current versions and apply the differences; False if the store
         did not answer (cached tasks keep serving)."""
+        # What was served before the listing: a task the event follower adds while the loop
+        # below reads the store is not in `current`, and is no deleted task.
+        known = set(self.tasks())
         try:
             # ping first: a directory store whose volume vanished would list "no tasks", and
             # deleting every task then would be wrong; unreachable means keep serving.
@@ -161,10 +164,10 @@ class Catalog:
                                "was reset; following it", self.store.url, task, info.version,
                                served.version)
             self.consider(task, info.version, info.sha256, info, reset=reset)
-        missing = set(self._tasks) - set(current)
+        missing = known - set(current)
         if not self._store_reset:
             for task in missing:
-                self.remove(task)
+                self._confirmed_remove(task)  # it may have been republished since the listing
             missing = set()
         self._report_missing(missing)
         return True
@@ -358,15 +361,16 @@ class Catalog:
             self.metrics.refusal(reason)
 
     def _confirmed_remove(self, task: str) -> None:
-        """Remove after a delete event only if the store, reachable, agrees: a directory store
-        whose volume vanished reports every task deleted, and those must keep serving."""
+        """Remove after a delete event or a listing without `task` only if the store, reachable,
+        agrees: a directory store whose volume vanished reports every task deleted, and those
+        must keep serving."""
         try:
             self.store.ping()
             self.store.info(task)
         except UnknownTask:
             self.remove(task)
         except (ResidualStoreError, OSError) as e:
-            logger.warning("ignoring delete event of %s while the store is unreachable: %s", task, e)
+            logger.warning("not removing %s while the store is unreachable: %s", task, e)
 
     def remove(self, task: str) -> None:
         with self._lock:

@@ -1,0 +1,73 @@
+"""The catalog's two followers (store events and the periodic reconcile) racing each other.
+
+The server's own parts (real directory store, engine, loader, cache, catalog) are driven step by
+step from the test; a store read or a residual check of the follower under test is held open
+(the real call, run once the test releases it), so the racing order happens every time.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import reliability_support as rs
+
+from residual_store import BaseSpec
+from residual_store.stores import open_store
+from server.cache import ResidualCache
+from server.catalog import Catalog
+from server.engine import SwapEngine
+from server.loader import ResidualLoader
+from server.metrics import Metrics
+
+pytestmark = pytest.mark.integration
+
+
+class Held:
+    """Wraps a real call: the call whose arguments start with `args` waits for `release`."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, *args, **kw):
+        if args[:len(self.args)] == self.args:
+            self.arrived.set()
+            assert self.release.wait(60)
+        return self.call(*args, **kw)
+
+
+def parts(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    engine = SwapEngine(BaseSpec(rs.MODEL), "cpu")
+    engine.setup()
+    metrics = Metrics()
+    loader = ResidualLoader(store, engine, metrics)
+    return store, engine, metrics, loader, ResidualCache(1 << 30, loader, metrics=metrics)
+
+
+def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path):
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    for task, seed in (("A", 1), ("C", 2)):
+        store.publish(task, rs.make_version(task, seed).blob)
+    verify = Held(loader.verify, "A", 2)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog.reconcile()
+    assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "C": 1}  # known, cold
+
+    store.publish("A", rs.make_version("A", 3).blob)
+    store.delete("C")
+    reconcile = threading.Thread(target=catalog.reconcile)
+    reconcile.start()  # lists A v2 and no C, then checks A v2 (held open)
+    try:
+        assert verify.arrived.wait(60)
+        # What the event follower does meanwhile: a new task B, and C published again.
+        for task, seed in (("B", 4), ("C", 5)):
+            info = store.publish(task, rs.make_version(task, seed).blob)
+            catalog.consider(task, info.version, info.sha256)
+        assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "B": 1, "C": 2}
+    finally:
+        verify.release.set()
+        reconcile.join(60)
+    assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 2, "B": 1, "C": 2}
+    store.close()
+
