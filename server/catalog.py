@@ -259,18 +259,8 @@ class Catalog:
         VersionInfo when the caller has it already; `reset`: the store lost the served version
         and numbers again from 1, so a lower version is news)."""
         with self._lock:
-            old = self._tasks.get(task)
-            if old is not None and version <= old.version and not (reset and version != old.version):
-                return  # old news (events and reconcile overlap)
-            if old is not None and old.sha256 == sha256:
-                # Same bytes under a higher number (a rollback to what is served): nothing to load.
-                self._tasks[task] = dataclasses.replace(old, version=version)
+            if self._settled(task, version, sha256, reset):
                 return
-            refused = self._refused.get(task)
-            if refused is not None and refused.version == version:
-                return  # counted and logged once already
-            if self._staging.get(task, -1) >= version and not reset:
-                return  # this (or a newer) version is loading already
         try:
             info = info if info is not None else self.store.info(task, version)
         except UnknownTask:
@@ -282,14 +272,19 @@ class Catalog:
             return  # changed again meanwhile
         candidate = TaskVersion(task, version, sha256, dict(info.metadata))
         theirs = candidate.metadata.get("base_fingerprint", "")
-        if theirs != self.fingerprint:
-            self._refuse(candidate, "base_mismatch",
-                         f"trained on base {theirs[:12] or '?'} "
-                         f"({candidate.metadata.get('base_model')}/"
-                         f"{candidate.metadata.get('base_pretrained')}), served base is "
-                         f"{self.fingerprint[:12]}")
-            return
         with self._lock:
+            # Again: the lock was released for the store read, and the other follower (events
+            # vs reconcile) may have refused, staged or switched to this version meanwhile.
+            if self._settled(task, version, sha256, reset):
+                return
+            if theirs != self.fingerprint:
+                self._refuse(candidate, "base_mismatch",
+                             f"trained on base {theirs[:12] or '?'} "
+                             f"({candidate.metadata.get('base_model')}/"
+                             f"{candidate.metadata.get('base_pretrained')}), served base is "
+                             f"{self.fingerprint[:12]}")
+                return
+            old = self._tasks.get(task)
             warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)
             cold_known = old is not None and not warm and self._verify is not None
             if warm or cold_known or (old is None and task in self.cache.pinned):
@@ -309,6 +304,22 @@ class Catalog:
         else:
             future = self.cache.load_async(task, version, sha256)
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f, reset))
+
+    def _settled(self, task: str, version: int, sha256: str, reset: bool) -> bool:
+        """True when the store's (version, sha256) of `task` needs nothing more from consider:
+        old news, the served bytes under a new number (recorded here), refused or loading
+        already. Called with the lock held."""
+        old = self._tasks.get(task)
+        if old is not None and version <= old.version and not (reset and version != old.version):
+            return True  # old news (events and reconcile overlap)
+        if old is not None and old.sha256 == sha256:
+            # Same bytes under a higher number (a rollback to what is served): nothing to load.
+            self._tasks[task] = dataclasses.replace(old, version=version)
+            return True
+        refused = self._refused.get(task)
+        if refused is not None and refused.version == version:
+            return True  # counted and logged once already
+        return self._staging.get(task, -1) >= version and not reset  # loading already
 
     def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:
         error = future.exception()

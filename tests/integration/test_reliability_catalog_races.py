@@ -6,6 +6,7 @@ step from the test; a store read or a residual check of the follower under test 
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -71,3 +72,29 @@ def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path):
     assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 2, "B": 1, "C": 2}
     store.close()
 
+
+def test_a_bad_version_both_followers_see_is_refused_once(tmp_path, monkeypatch, caplog):
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    store.publish("T", rs.make_version("T", 1).blob)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
+    catalog.reconcile()
+    info = store.publish("T", rs.make_version("T", 2, base_fingerprint="0" * 64).blob)
+    read = Held(store.info, "T", info.version)
+    monkeypatch.setattr(store, "info", read)
+
+    # The event follower has only the event: it reads the version's metadata (held open) ...
+    event = threading.Thread(target=catalog.consider, args=("T", info.version, info.sha256))
+    with caplog.at_level(logging.ERROR, logger="server.catalog"):
+        event.start()
+        try:
+            assert read.arrived.wait(60)
+            # ... while the reconcile, which has the metadata from its listing, refuses it.
+            catalog.consider("T", info.version, info.sha256, info=info)
+        finally:
+            read.release.set()
+            event.join(60)
+    assert catalog.refusals()["T"].reason == "base_mismatch" and catalog.get("T").version == 1
+    refused = metrics.registry.get_sample_value("uda_residuals_refused_total", {"reason": "base_mismatch"})
+    logged = [r for r in caplog.records if r.getMessage().startswith(f"refused T v{info.version}")]
+    assert (refused, len(logged)) == (1, 1)
+    store.close()
