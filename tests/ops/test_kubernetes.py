@@ -457,3 +457,14 @@ def test_kustomize_lite_refuses_what_it_does_not_model(tmp_path: Path):
         {"resources": ["serve-deployment.yaml"], "images": [digest]}))
     with pytest.raises(ValueError, match="digest"):
         render(tmp_path)
+
+
+def test_every_claim_a_job_mounts_is_shipped():
+    """A Job mounting a PersistentVolumeClaim nothing creates stays Pending forever."""
+    shipped = {r["metadata"]["name"] for p in JOB_FILES for r in load_documents(p)
+               if r["kind"] == "PersistentVolumeClaim"}
+    for path in JOB_TEMPLATES:
+        (job,) = load_documents(path)
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
+        assert claims <= shipped, f"{path.name} mounts {sorted(claims - shipped)}, which no file in jobs/ creates"
