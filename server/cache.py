@@ -68,7 +68,8 @@ Loader = Callable[[str, int, str], CachedResidual]  # (task, version, sha256) ->
 
 
 class ResidualCache:
-    """LRU of CachedResidual bounded by `capacity_bytes`; tasks in `pinned` are never evicted."""
+    """LRU of CachedResidual bounded by `capacity_bytes`; tasks in `pinned` are never evicted,
+    except an old version of one by its new version."""
 
     def __init__(self, capacity_bytes: int, loader: Loader, *, metrics=None,
                  on_change: Callable[[], None] | None = None, workers: int = 2):
@@ -143,17 +144,21 @@ class ResidualCache:
         logger.debug("resident %s v%d (%d bytes)", entry.task, entry.version, entry.nbytes)
 
     def _make_room(self, entry: CachedResidual) -> None:
-        evictable = sum(e.nbytes for e in self._entries.values() if e.task not in self._pinned)
+        # Least recently used unpinned entries first; then other versions of entry's own task,
+        # even pinned (pinning is by task name): the new version replaces them once the catalog
+        # switches to it, and in a budget sized to the pins it could never load otherwise.
+        victims = [(k, "lru") for k in self._entries if k[0] not in self._pinned]
+        victims += [(k, "replaced") for k in self._entries if k[0] == entry.task and k[0] in self._pinned]
+        evictable = sum(self._entries[k].nbytes for k, _ in victims)
         if self.bytes_used - evictable + entry.nbytes > self.capacity_bytes:
             raise CacheFull(
                 f"residual of task {entry.task!r} needs {entry.nbytes} bytes; --cache-bytes "
                 f"{self.capacity_bytes} holds {self.bytes_used - evictable} bytes of pinned "
                 "residuals: raise --cache-bytes or pin fewer tasks")
-        for key in list(self._entries):
+        for key, reason in victims:
             if self.bytes_used + entry.nbytes <= self.capacity_bytes:
                 break
-            if key[0] not in self._pinned:
-                self._remove(key, "lru")
+            self._remove(key, reason)
 
     def evict(self, key: Key, reason: str = "unload") -> bool:
         with self._lock:

@@ -345,6 +345,10 @@ class Catalog:
         with self._lock:
             old = self._tasks.get(candidate.task)
             if old is not None and candidate.version <= old.version and not reset:
+                # Superseded while it loaded (a newer version switched first): its entry would
+                # sit in the cache unused, and forever for a pinned task.
+                if candidate.sha256 != old.sha256:
+                    self.cache.evict(candidate.key, reason="superseded")
                 return
             self._tasks[candidate.task] = candidate
             self._refused.pop(candidate.task, None)

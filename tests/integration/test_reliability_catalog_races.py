@@ -98,3 +98,31 @@ def test_a_bad_version_both_followers_see_is_refused_once(tmp_path, monkeypatch,
     logged = [r for r in caplog.records if r.getMessage().startswith(f"refused T v{info.version}")]
     assert (refused, len(logged)) == (1, 1)
     store.close()
+
+
+def test_a_version_superseded_while_it_loaded_leaves_the_cache(tmp_path):
+    """A pinned task: v2 loads slowly (held open), v3 loads and is switched to first; v2's
+    entry must not stay resident, pinned by the task's name, when its load ends."""
+    store, engine, metrics, loader, _ = parts(tmp_path)
+    store.publish("P", rs.make_version("P", 1).blob)
+    load = Held(loader, "P", 2)
+    loads_ended = threading.Semaphore(0)
+    cache = ResidualCache(1 << 30, load, metrics=metrics, on_change=loads_ended.release)
+    cache.pin("P")
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
+    catalog.reconcile()  # a pinned new task: loaded, then switched to
+    assert loads_ended.acquire(timeout=60)
+    v2, v3 = (store.publish("P", rs.make_version("P", seed).blob) for seed in (2, 3))
+    try:
+        catalog.consider("P", v2.version, v2.sha256)  # held open in the loader
+        assert load.arrived.wait(60)
+        catalog.consider("P", v3.version, v3.sha256)
+        assert loads_ended.acquire(timeout=60)
+        assert catalog.get("P").version == v3.version
+    finally:
+        load.release.set()
+    assert loads_ended.acquire(timeout=60)  # v2 loaded, then found superseded
+    assert catalog.get("P").version == v3.version
+    assert cache.keys() == [("P", v3.sha256)]
+    cache.close()
+    store.close()

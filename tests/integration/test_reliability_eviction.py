@@ -2,7 +2,8 @@
 
 A batch in flight keeps its residual even when the cache evicts it (admin unload, or another
 task's load) and answers correctly; under mixed traffic over three tasks every answer is right
-and the resident bytes never exceed --cache-bytes.
+and the resident bytes never exceed --cache-bytes. A new version of a pinned task replaces the
+old one in a budget that holds the pinned task only once.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import reliability_support as rs
 
+from residual_store.stores import open_store
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 
@@ -96,3 +98,25 @@ def test_mixed_traffic_with_a_one_entry_cache(served):
         assert rs.matches(resp, versions[task], image), (task, image)
     assert rs.metric(srv, "uda_residual_cache_evictions_total") > evictions
     assert srv.runtime.engine.fingerprint_now() == srv.runtime.engine.fingerprint
+
+
+def test_a_new_version_of_a_pinned_task_is_served_in_a_budget_sized_to_the_pin(tmp_path):
+    """--cache-bytes holds the pinned task once, not twice: v2 replaces v1 once it loaded."""
+    v1, v2 = rs.make_version("P", 61), rs.make_version("P", 62)
+    store = open_store(str(tmp_path / "store"))
+    store.publish("P", v1.blob)
+    budget = rs.cache_budget(1.5, v1, v2)
+    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, pin=("P",),
+                      cache_bytes=budget, reconcile_interval=0.2)
+    with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        assert rs.matches(rs.predict(http, "P"), v1)
+        info = store.publish("P", v2.blob)
+        # Before the fix every reconcile loaded v2 and dropped it (CacheFull): 30 s is plenty.
+        resp = rs.wait_for("v2 served", lambda: (r := rs.predict(http, "P")).json()["version"] == info.version
+                           and r, timeout=30)
+        assert rs.matches(resp, v2)
+        entry = http.get("/tasks").json()["tasks"][0]
+        assert entry["resident"] and entry["pinned"] and entry["version"] == info.version
+        assert srv.runtime.cache.keys() == [("P", v2.sha256)]
+        assert srv.runtime.cache.bytes_used <= budget
+    store.close()

@@ -134,3 +134,19 @@ def test_load_async_shares_one_load_and_reports_failures():
     done = r.cache.load_async("A", 3, "s9")  # resident: an already finished future
     assert done.done() and done.result().key == ("A", "s9")
     r.cache.close()
+
+
+def test_a_new_version_of_a_pinned_task_replaces_its_old_one():
+    r = Recorder(capacity=250)  # a budget sized to the pinned task: one version and a bit
+    c = r.cache
+    c.pin("P")
+    c.put(entry("P", "v1", nbytes=100))
+    c.put(entry("A", nbytes=100))
+    c.put(entry("P", "v2", nbytes=100, version=2))  # the unpinned A goes first
+    assert r.evicted == [("A", "s1", "lru")]
+    c.put(entry("P", "v3", nbytes=200, version=3))  # then P's own older versions
+    assert r.evicted[1:] == [("P", "v1", "replaced"), ("P", "v2", "replaced")]
+    assert c.keys() == [("P", "v3")] and c.bytes_used == 200
+    with pytest.raises(CacheFull, match="pinned"):  # another task's pins still never go
+        c.put(entry("X", nbytes=100))
+    assert c.keys() == [("P", "v3")]
