@@ -257,6 +257,9 @@ class DirectoryStore(ResidualStore):
     def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
         with self._locked(task, create=True) as path:
             index = self._read_index(path) or {"current": None, "last": 0, "versions": {}}
+            if "rolled_back_from" in metadata and index.get("current") is None:
+                # Deleted after rollback() read the old version: do not bring the task back.
+                raise UnknownTask(f"task {task!r} was deleted from {self.url} during the rollback")
             on_disk = self._blob_versions(path)
             # Never reuse a number: count blobs a killed publisher left and deleted versions too.
             version = max([index.get("last", 0), *index["versions"], *on_disk]) + 1

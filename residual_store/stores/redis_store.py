@@ -51,8 +51,13 @@ _EVENT_POLL_S = 0.5  # how often events() looks at its stop Event
 _BACKOFF_MAX_S = 5.0
 
 # KEYS: index, new blob, tasks set. ARGV: version, record JSON, keep, blob key prefix, task,
-# channel, event JSON. Trimmed blob keys are built from ARGV[4] (fine on a single Redis).
+# channel, event JSON, "1" for a rollback (refused once the task is deleted). Trimmed blob keys
+# are built from ARGV[4] (fine on a single Redis).
 _PUBLISH_LUA = """
+if ARGV[8] == '1' and redis.call('HEXISTS', KEYS[1], 'current') == 0 then
+  redis.call('DEL', KEYS[2])
+  return redis.error_reply('UNKNOWN_TASK deleted during the rollback')
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('blob of version ' .. ARGV[1] .. ' expired before it was indexed')
 end
@@ -172,6 +177,16 @@ class RedisStore(ResidualStore):
                     "(REDIS_MAXMEMORY in deploy/) with its memory limit") from e
             raise ResidualStoreError(f"Redis at {self._where}: {e}") from e
 
+    @contextlib.contextmanager
+    def _unknown_if_deleted(self, task: str) -> Iterator[None]:
+        """The publish script's refusal to roll back a task deleted meanwhile, as UnknownTask."""
+        try:
+            yield
+        except redis.ResponseError as e:
+            if "UNKNOWN_TASK" in str(e):
+                raise UnknownTask(f"task {task!r} was deleted from {self.url} during the rollback") from e
+            raise
+
     # -- reads -------------------------------------------------------------------------------
 
     def _parse_index(self, task: str,
@@ -262,7 +277,7 @@ class RedisStore(ResidualStore):
     def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
         sha = hashlib.sha256(blob).hexdigest()
         kind = "rollback" if "rolled_back_from" in metadata else "publish"
-        with self._errors():
+        with self._errors(), self._unknown_if_deleted(task):
             version = int(self._r.incr(self._key("seq", task)))
             info = VersionInfo(task=task, version=version, sha256=sha, size=len(blob),
                                created=time.time(), metadata=metadata)
@@ -274,7 +289,7 @@ class RedisStore(ResidualStore):
             moved = self._publish_script(
                 keys=[self._key("index", task), blob_key, self._key("tasks")],
                 args=[version, json.dumps(record), self.keep, self._key("blob", task) + ":",
-                      task, self._channel, json.dumps(event)])
+                      task, self._channel, json.dumps(event), "1" if kind == "rollback" else "0"])
         if not moved:  # a concurrent publisher took a higher number first and stays current
             logger.warning("%s v%d was stored, but a higher version is current already",
                            task, version)

@@ -124,6 +124,26 @@ def test_rollback_publishes_old_bytes_as_new_version(store, blob_factory):
         store.rollback("Ar2Cl", 42)
 
 
+def test_a_rollback_racing_a_delete_does_not_bring_the_task_back(store, blob_factory):
+    store.publish("Ar2Cl", blob_factory(seed=0))
+    store.publish("Ar2Cl", blob_factory(seed=1))
+    read = store.get
+
+    def get_then_lose_the_race(task, version=None):
+        got = read(task, version)
+        store.delete(task)  # lands between rollback()'s read and its write
+        return got
+
+    store.get = get_then_lose_the_race
+    with pytest.raises(UnknownTask, match="deleted"):
+        store.rollback("Ar2Cl", 1)
+    store.get = read
+    assert "Ar2Cl" not in store.current_versions()
+    with pytest.raises(UnknownTask):
+        store.info("Ar2Cl")
+    assert store.publish("Ar2Cl", blob_factory(seed=2)).version > 2  # a plain publish still may
+
+
 def test_delete_then_republish_never_reuses_numbers(store, blob_factory):
     store.publish("Ar2Cl", blob_factory(seed=0))
     store.publish("Ar2Cl", blob_factory(seed=1))
