@@ -70,5 +70,10 @@ class PackedResidual:
     def pin_memory(self) -> PackedResidual:
         return PackedResidual(*(t.pin_memory() for t in self._tensors()))
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell CUDA's caching allocator that `stream` uses these tensors (see ResidualLoader)."""
+        for t in self._tensors():
+            t.record_stream(stream)
+
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.firsts, self.jumps, self.low, self.values

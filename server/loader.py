@@ -133,4 +133,11 @@ class ResidualLoader:
             flat = host_flat.to(device, non_blocking=True)
             head = head.to(device, non_blocking=True)
         self._stream.synchronize()
+        # Allocated on the side stream, used by the model thread's default stream: without this,
+        # once the entry is evicted the allocator could hand its memory to the next upload while
+        # a swap queued on the default stream still reads it.
+        model_stream = torch.cuda.default_stream(device)
+        flat.record_stream(model_stream)
+        for t in (*head.parameters(), *head.buffers()):
+            t.record_stream(model_stream)
         return flat, head
