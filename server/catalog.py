@@ -375,6 +375,27 @@ class Catalog:
         if self.metrics is not None and not counted:
             self.metrics.refusal(reason)
 
+    def refuse_loaded(self, tv: TaskVersion, error: BaseException) -> None:
+        """A load of the served `tv` failed. If the file itself is bad (a refusal), the task
+        leaves service with it, like a new task refused before its switch: requests get the
+        refusal (503) without the blob being fetched and parsed again, until a new version is
+        published. A new task's first version is switched to unchecked (no blob read per task
+        at start), so this is where a bad one is found."""
+        reason = refusal_reason(error)
+        if reason is None:
+            return  # not the file's fault (store blip, cache full): the next request tries again
+        with self._lock:
+            served = self._tasks.get(tv.task)
+            if served is None or served.sha256 != tv.sha256:
+                return  # moved on meanwhile, or refused already (by the other model thread)
+            del self._tasks[tv.task]
+            self._refuse(served, reason, str(error), counted=True)  # the loader counted it
+            count = len(self._tasks)
+        if self.metrics is not None:
+            self.metrics.published(count)
+            self.metrics.forget_task(tv.task)
+        self._on_change()
+
     def _confirmed_remove(self, task: str) -> None:
         """Remove after a delete event or a listing without `task` only if the store, reachable,
         agrees: a directory store whose volume vanished reports every task deleted, and those

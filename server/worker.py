@@ -123,9 +123,10 @@ class ModelWorker:
         loads for the others and fails requests whose task cannot be served."""
         ready = {}
         for task in self.batcher.pending_tasks():
-            tv = self.catalog.get(task)
-            if tv is None:
-                self._fail_task(task, UnknownTask(f"task {task!r} was deleted from the store"))
+            try:
+                tv = self.catalog.require(task)
+            except (UnknownTask, TaskUnavailable) as e:  # deleted, or refused, since it was queued
+                self._fail_task(task, e)
                 continue
             entry = self.cache.peek(tv.key)
             if entry is not None:
@@ -143,6 +144,7 @@ class ModelWorker:
                 if isinstance(error, UnknownTask) and self.catalog.catch_up(task):
                     continue
                 del self._loads[tv.key]
+                self.catalog.refuse_loaded(tv, error)  # a bad file is not fetched again
                 self._fail_task(task, self._unavailable(tv, error))
         return ready
 

@@ -181,3 +181,32 @@ def test_a_good_version_after_bad_ones_is_served(world):
     assert rs.matches(resp, v2)
     entry = next(e for e in http.get("/tasks").json()["tasks"] if e["task"] == WARM)
     assert entry["refused"] is None
+
+
+def test_a_bad_first_version_of_a_new_task_is_refused_once(world):
+    """A new task is switched to without reading its blob; the first request's load finds it
+    bad. From then on it is refused like a new task of another base: no fetch, no parse and no
+    refusal counted again per request or per reconcile, until a good version is published."""
+    srv, http, task = world["srv"], world["http"], "Fresh-bad"
+    good = rs.make_version(task, 71)
+    rs.raw_publish(world["redis"], world["prefix"], task, good.blob[: len(good.blob) // 2],
+                   dict(good.residual.metadata))  # truncated, with a real residual's metadata
+    rs.wait_for(f"{task} known", lambda: srv.runtime.catalog.get(task))
+    refused = rs.metric(srv, "uda_residuals_refused_total", {"reason": "invalid_format"})
+    first = rs.predict(http, task)
+    assert first.status_code == 503 and "refused (invalid_format)" in first.json()["detail"], first.text
+    loads = rs.metric(srv, "uda_residual_cache_misses_total")
+    for _ in range(2):  # a whole reconcile round after the refusal: one ended once the next began
+        started = srv.runtime.catalog.last_reconcile
+        rs.wait_for("a reconcile round", lambda: srv.runtime.catalog.last_reconcile > started)
+    for _ in range(3):
+        resp = rs.predict(http, task)
+        assert resp.status_code == 503 and resp.json()["detail"] == first.json()["detail"]
+    assert rs.metric(srv, "uda_residual_cache_misses_total") == loads  # not loaded again
+    assert rs.metric(srv, "uda_residuals_refused_total", {"reason": "invalid_format"}) == refused + 1
+    entry = next(e for e in http.get("/tasks").json()["tasks"] if e["task"] == task)
+    assert entry["servable"] is False and entry["refused"]["reason"] == "invalid_format"
+
+    version = world["store"].publish(task, good.blob).version
+    resp = rs.wait_for(f"{task} v{version} served", lambda: (r := rs.predict(http, task)).status_code == 200 and r)
+    assert resp.json()["version"] == version and rs.matches(resp, good)
