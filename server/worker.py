@@ -122,7 +122,15 @@ class ModelWorker:
         """task -> (TaskVersion, entry) for queued tasks whose residual is resident; starts
         loads for the others and fails requests whose task cannot be served."""
         ready = {}
-        for task in self.batcher.pending_tasks():
+        pending = self.batcher.pending_tasks()
+        # Kept: loads still running, and failures not yet told to the requests that waited for
+        # them. A finished future holds its CachedResidual, device memory beyond --cache-bytes
+        # once the cache evicted it (with --streams 2 the other thread may run every batch of
+        # the task, and this one would never drop it); a failure nobody waited for would fail a
+        # later request with a stale error instead of loading again.
+        self._loads = {key: f for key, f in self._loads.items()
+                       if not f.done() or (f.exception() is not None and key[0] in pending)}
+        for task in pending:
             try:
                 tv = self.catalog.require(task)
             except (UnknownTask, TaskUnavailable) as e:  # deleted, or refused, since it was queued
@@ -133,9 +141,9 @@ class ModelWorker:
                 ready[task] = (tv, entry)
                 continue
             future = self._loads.get(tv.key)
-            if future is None or (future.done() and future.exception() is None):
+            if future is None:
                 self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
-            elif future.done():
+            elif future.done():  # failed: finished successful loads were dropped above
                 error = future.exception()
                 # A version trimmed by newer publishes before it was loaded: serve the newest
                 # (one store read on this thread, only on that rare path). While the newest is

@@ -1,6 +1,7 @@
 """Helpers of the reliability suite (tests/integration/test_reliability_*.py, the soak smoke test):
 tiny residuals with their reference scores, a private redis-server, writes that bypass the
-store's validation (what a buggy or hostile publisher could leave in Redis), metric reading.
+store's validation (what a buggy or hostile publisher could leave in Redis), metric reading,
+real calls held open at a chosen point (Held).
 
 Imported by plain name (`import reliability_support as rs`): pytest puts this folder on sys.path.
 Nothing here stands in for the server: tests talk to a real uvicorn over loopback.
@@ -17,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -262,6 +264,22 @@ def raw_publish(r: redis.Redis, prefix: str, task: str, blob: bytes, metadata: d
         r.publish(f"{prefix}events", json.dumps({"kind": "publish", "task": task,
                                                   "version": version, "sha256": sha}))
     return version
+
+
+class Held:
+    """Wraps a real call (a loader, a store read): the calls whose arguments start with `args`
+    wait for `release`, so a test can hold one part of the server open at a chosen point and
+    run the racing order every time. `arrived` is set when the first one waits."""
+
+    def __init__(self, call: Callable[..., T], *args: Any):
+        self.call, self.args = call, args
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any, **kw: Any) -> T:
+        if args[:len(self.args)] == self.args:
+            self.arrived.set()
+            assert self.release.wait(60), "never released"
+        return self.call(*args, **kw)
 
 
 def reference_first_frame(version: Version, png: bytes) -> torch.Tensor:

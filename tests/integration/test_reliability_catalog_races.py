@@ -2,7 +2,8 @@
 
 The server's own parts (real directory store, engine, loader, cache, catalog) are driven step by
 step from the test; a store read or a residual check of the follower under test is held open
-(the real call, run once the test releases it), so the racing order happens every time.
+(rs.Held: the real call, run once the test releases it), so the racing order happens every
+time.
 """
 from __future__ import annotations
 
@@ -23,20 +24,6 @@ from server.metrics import Metrics
 pytestmark = pytest.mark.integration
 
 
-class Held:
-    """Wraps a real call: the call whose arguments start with `args` waits for `release`."""
-
-    def __init__(self, call, *args):
-        self.call, self.args = call, args
-        self.arrived, self.release = threading.Event(), threading.Event()
-
-    def __call__(self, *args, **kw):
-        if args[:len(self.args)] == self.args:
-            self.arrived.set()
-            assert self.release.wait(60)
-        return self.call(*args, **kw)
-
-
 def parts(tmp_path):
     store = open_store(str(tmp_path / "store"))
     engine = SwapEngine(BaseSpec(rs.MODEL), "cpu")
@@ -50,7 +37,7 @@ def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path):
     store, engine, metrics, loader, cache = parts(tmp_path)
     for task, seed in (("A", 1), ("C", 2)):
         store.publish(task, rs.make_version(task, seed).blob)
-    verify = Held(loader.verify, "A", 2)
+    verify = rs.Held(loader.verify, "A", 2)
     catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
     catalog.reconcile()
     assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "C": 1}  # known, cold
@@ -79,7 +66,7 @@ def test_a_bad_version_both_followers_see_is_refused_once(tmp_path, monkeypatch,
     catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
     catalog.reconcile()
     info = store.publish("T", rs.make_version("T", 2, base_fingerprint="0" * 64).blob)
-    read = Held(store.info, "T", info.version)
+    read = rs.Held(store.info, "T", info.version)
     monkeypatch.setattr(store, "info", read)
 
     # The event follower has only the event: it reads the version's metadata (held open) ...
@@ -105,7 +92,7 @@ def test_a_version_superseded_while_it_loaded_leaves_the_cache(tmp_path):
     entry must not stay resident, pinned by the task's name, when its load ends."""
     store, engine, metrics, loader, _ = parts(tmp_path)
     store.publish("P", rs.make_version("P", 1).blob)
-    load = Held(loader, "P", 2)
+    load = rs.Held(loader, "P", 2)
     loads_ended = threading.Semaphore(0)
     cache = ResidualCache(1 << 30, load, metrics=metrics, on_change=loads_ended.release)
     cache.pin("P")
