@@ -1,4 +1,5 @@
-"""The catalog's two followers (store events and the periodic reconcile) racing each other.
+"""Races inside the catalog: its two followers (store events and the periodic reconcile) on
+one change, and the loads of two new versions of one task.
 
 The server's own parts (real directory store, engine, loader, cache, catalog) are driven step by
 step from the test; a store read or a residual check of the follower under test is held open
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 def parts(tmp_path):
+    """A directory store and the server parts the catalog works with, nothing started."""
     store = open_store(str(tmp_path / "store"))
     engine = SwapEngine(BaseSpec(rs.MODEL), "cpu")
     engine.setup()
