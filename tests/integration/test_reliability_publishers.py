@@ -88,12 +88,12 @@ if url.startswith("redis"):
     # INCR and the blob SET have run; the index script never will.
     store._publish_script = lambda **kw: os.kill(os.getpid(), signal.SIGKILL)
 else:
-    write = directory._atomic_write
+    write = directory.atomic_write
     def blob_then_die(p, data):
         write(p, data)
         if p.name.endswith(".safetensors"):
             os.kill(os.getpid(), signal.SIGKILL)
-    directory._atomic_write = blob_then_die
+    directory.atomic_write = blob_then_die
 store.publish("A", blob)
 """
 
