@@ -176,7 +176,8 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
 
     # -- admin -------------------------------------------------------------------------------------
 
-    @app.post("/admin/tasks/{task}/load", dependencies=[Depends(admin)], responses=_ADMIN_ERRORS)
+    @app.post("/admin/tasks/{task}/load", dependencies=[Depends(admin)],
+              responses={**_ADMIN_ERRORS, **_errors(409)})
     async def admin_load(task: str = _task_path()):
         return await runtime.load(task)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from residual_store import BaseSpec
-from residual_store.errors import StoreUnavailable
+from residual_store.errors import StoreUnavailable, one_line
 from residual_store.stores import open_store
 from server.batcher import Batcher, PendingRequest
 from server.cache import ResidualCache
@@ -27,7 +27,7 @@ from server.config import ServeConfig
 from server.engine import SwapEngine, resolve_device
 from server.errors import Conflict, ImageRejected, NotReady, RequestTimeout
 from server.images import ImageDecoder
-from server.loader import ResidualLoader
+from server.loader import ResidualLoader, refusal_reason
 from server.metrics import Metrics
 from server.worker import BatchResult, ModelWorker
 
@@ -250,7 +250,16 @@ class ServeRuntime:
     async def load(self, task: str) -> dict[str, Any]:
         tv = self.require_task(task)
         future = self.cache.load_async(tv.task, tv.version, tv.sha256)
-        await asyncio.wrap_future(future)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as e:
+            reason = refusal_reason(e)
+            if reason is None:
+                raise
+            # The file is bad, not the store: the task leaves service as a request's load would
+            # take it out, and the operator learns why instead of a generic store error.
+            self.catalog.refuse_loaded(tv, e)
+            raise Conflict(f"{task} v{tv.version} was refused ({reason}): {one_line(e)}") from e
         self.batcher.notify()
         return self.task_entry(task)
 

@@ -210,3 +210,18 @@ def test_a_bad_first_version_of_a_new_task_is_refused_once(world):
     version = world["store"].publish(task, good.blob).version
     resp = rs.wait_for(f"{task} v{version} served", lambda: (r := rs.predict(http, task)).status_code == 200 and r)
     assert resp.json()["version"] == version and rs.matches(resp, good)
+
+
+def test_an_admin_load_of_a_bad_version_says_why_and_takes_the_task_out(world):
+    srv, http, task = world["srv"], world["http"], "Fresh-bad-admin"
+    good = rs.make_version(task, 72)
+    rs.raw_publish(world["redis"], world["prefix"], task, good.blob[: len(good.blob) // 2],
+                   dict(good.residual.metadata))
+    rs.wait_for(f"{task} known", lambda: srv.runtime.catalog.get(task))
+    resp = http.post(f"/admin/tasks/{task}/load", headers=rs.admin())
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"] == "conflict" and "refused (invalid_format)" in resp.json()["detail"]
+    entry = next(e for e in http.get("/tasks").json()["tasks"] if e["task"] == task)
+    assert entry["servable"] is False and entry["refused"]["reason"] == "invalid_format"
+    after = rs.predict(http, task)
+    assert after.status_code == 503 and "refused (invalid_format)" in after.json()["detail"]
