@@ -317,8 +317,10 @@ class Catalog:
             self._tasks[task] = dataclasses.replace(old, version=version)
             return True
         refused = self._refused.get(task)
-        if refused is not None and refused.version == version:
-            return True  # counted and logged once already
+        if refused is not None and (refused.version, refused.sha256) == (version, sha256):
+            # Counted and logged once already. The sha too: a store reset numbers from 1 again,
+            # and the file refused as v1 before it says nothing about the v1 of now.
+            return True
         return self._staging.get(task, -1) >= version and not reset  # loading already
 
     def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:

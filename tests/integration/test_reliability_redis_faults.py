@@ -157,3 +157,23 @@ def test_readiness_probe_can_leave_the_store_out(redis_srv):
         assert draining.status_code == 503 and "shutting down" in draining.json()["detail"]
         assert any("unreachable" in p for p in draining.json()["store_problems"])
     store.close()
+
+
+def test_a_refused_number_is_not_refused_again_after_a_reset_gives_it_to_another_file(redis_srv):
+    """Redis restarted empty numbers every task from 1 again: a refusal recorded for v1 before
+    the restart says nothing about the different file that is v1 now."""
+    keep, alien, good = rs.make_version("Keep", 31), rs.make_version("C", 32, base_fingerprint="0" * 64), rs.make_version("C", 33)
+    url, embedded = _server(redis_srv)
+    store = open_store(url)
+    store.publish("Keep", keep.blob)
+    assert store.publish("C", alien.blob).version == 1
+    with embedded as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        refused = rs.wait_for("C v1 refused", lambda: next(
+            (e for e in http.get("/tasks").json()["tasks"] if e["task"] == "C" and e["refused"]), None))
+        assert refused["refused"]["reason"] == "base_mismatch"
+        redis_srv.restart(empty=True)
+        rs.wait_for("the empty store seen", lambda: http.get("/readyz").status_code == 503)
+        assert store.publish("C", good.blob).version == 1  # the same number, another file
+        resp = rs.wait_for("the new C v1 served", lambda: (r := rs.predict(http, "C")).status_code == 200 and r)
+        assert rs.matches(resp, good)
+    store.close()
