@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from residual_store.atomic import atomic_write
+from residual_store.errors import one_line
 from trainer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError on bad files
-        raise CheckpointError(f"checkpoint {path} is not readable ({' '.join(str(e).split())[:200]}): "
+        raise CheckpointError(f"checkpoint {path} is not readable ({one_line(e, 200)}): "
                               "delete it and start again without --resume") from e
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a uda-train checkpoint (no training state in it): "

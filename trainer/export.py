@@ -87,28 +87,23 @@ def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: in
     list, so a file that already failed in training is not reported twice).
     """
     with fp32_precision("ieee"):  # what the server computes: no TF32 convolutions on a GPU
-        return _evaluate(blob, spec, domain, size, device, batch_size, workers, skipped)
-
-
-def _evaluate(blob: bytes, spec: BaseSpec, domain: data.Domain, size: int, device: torch.device,
-              batch_size: int, workers: int, skipped: list[data.Skipped] | None) -> Evaluation:
-    started = time.perf_counter()
-    model = spec.build(device)
-    visual = model.visual.float()
-    del model
-    flat = FlatParams(visual)
-    residual = from_bytes(blob)
-    check_compatible(residual, flat.layout, fingerprint(visual), embed_dim_of(visual))
-    apply_residual(flat.buffer, residual.to_flat(flat.layout, flat.buffer.dtype, device))
-    head = residual.build_head().to(device)
-    logits, labels = [], []
-    loader = data.eval_loader(domain, size, batch_size, workers)
-    for x, y in data.readable_batches(loader, [] if skipped is None else skipped):
-        logits.append(head(visual(x.to(device))).float().cpu())
-        labels.append(y)
-    if not logits:  # every target image broke after the scan: accuracy is nan, not a crash
-        logits, labels = [torch.empty(0, len(residual.classes))], [torch.empty(0, dtype=torch.long)]
-    return Evaluation(torch.cat(logits), torch.cat(labels), time.perf_counter() - started)
+        started = time.perf_counter()
+        model = spec.build(device)
+        visual = model.visual.float()
+        del model
+        flat = FlatParams(visual)
+        residual = from_bytes(blob)
+        check_compatible(residual, flat.layout, fingerprint(visual), embed_dim_of(visual))
+        apply_residual(flat.buffer, residual.to_flat(flat.layout, flat.buffer.dtype, device))
+        head = residual.build_head().to(device)
+        logits, labels = [], []
+        loader = data.eval_loader(domain, size, batch_size, workers)
+        for x, y in data.readable_batches(loader, [] if skipped is None else skipped):
+            logits.append(head(visual(x.to(device))).float().cpu())
+            labels.append(y)
+        if not logits:  # every target image broke after the scan: accuracy is nan, not a crash
+            logits, labels = [torch.empty(0, len(residual.classes))], [torch.empty(0, dtype=torch.long)]
+        return Evaluation(torch.cat(logits), torch.cat(labels), time.perf_counter() - started)
 
 
 def embed_dim_of(visual: torch.nn.Module) -> int:
@@ -190,8 +185,8 @@ def publish(blob: bytes, task: str, url: str, artifact: Path):
     try:
         store = open_store(url)
     except (ResidualStoreError, ValueError, OSError) as e:
-        raise PublishError(f"could not open store {shown}: {one_line(e).replace(url, shown)}. The residual is "
-                           f"saved at {artifact}; publish it later with: {later}") from e
+        raise PublishError(f"could not open store {shown}: {one_line(e).replace(url, shown)}. The "
+                           f"residual is saved at {artifact}; publish it later with: {later}") from e
     try:
         return store.publish(task, blob), store.url
     except (ResidualStoreError, OSError, ValueError) as e:

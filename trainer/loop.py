@@ -16,6 +16,7 @@ Checkpoints are written at step boundaries only, Ctrl-C included (trainer/interr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -161,10 +162,11 @@ class Trainer:
         return Path(self.cfg.workdir) / checkpoint.FILENAME
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        config = self.cfg.to_dict()
         return {
             "step": self.step,
-            "config": {k: self.cfg.to_dict()[k] for k in TRAINING_FIELDS},
-            "run": self._run_identity(),
+            "config": {k: config[k] for k in TRAINING_FIELDS},
+            "run": self._run_identity,
             "base_fingerprint": self.base_fingerprint,
             "encoder": self.flat.buffer.detach().cpu().clone(),
             "head": self.net.head.state_dict(),
@@ -179,10 +181,12 @@ class Trainer:
             checkpoint.save(self.checkpoint_path, self._checkpoint_state())
         self.checkpoint_step = self.step
 
+    @functools.cached_property
     def _run_identity(self) -> dict[str, Any]:
         """What besides the flags makes a resumed run train the same weights: the images (by
         content) and their labels, the class names the prompts use, and the process count
-        (it sets each rank's sample stream)."""
+        (it sets each rank's sample stream). Fixed once set up: computed once, not per
+        checkpoint."""
         data_digest = hashlib.sha256()
         for domain in (self.source, self.target):
             labels = domain.labels or [None] * len(domain.digests)
@@ -197,7 +201,7 @@ class Trainer:
         changed = checkpoint.config_differences(state.get("config", {}), self.cfg.to_dict(),
                                                 TRAINING_FIELDS)
         if "run" in state:  # checkpoints from before the run identity was recorded lack it
-            now = self._run_identity()
+            now = self._run_identity
             changed += [f"{k}: {_short(state['run'].get(k))} -> {_short(v)}"
                         for k, v in now.items() if state["run"].get(k) != v]
         if changed:
@@ -217,7 +221,7 @@ class Trainer:
             checkpoint.set_rng_states(state["rng"])
             self.step = self.checkpoint_step = int(state["step"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({one_line(e)[:200]}): "
+            raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({one_line(e, 200)}): "
                                   "start a new --workdir without --resume") from e
         logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
 
