@@ -1,9 +1,10 @@
 """The swap engine: one frozen base on the device, residuals applied onto its flat buffer.
 
 Only the engine's model thread calls `run`; `fingerprint_now` (tests, admin) takes the same
-lock, so it never reads weights halfway through a swap. The applied residual stays applied between batches
-of the same (task, sha256), so a stream of one task costs no swaps; switching tasks restores the
-originals exactly (copy back, no subtraction) before applying the next residual.
+lock, so it never reads weights halfway through a swap. The applied residual stays applied
+between batches of the same (task, sha256), so a stream of one task costs no swaps; switching
+tasks restores the originals exactly (copy back, no subtraction) before applying the next
+residual.
 
 `replica()` gives a second engine over its own copy of the base, for a second model thread
 (`--streams`): each engine has its own weights to swap, so threads never share a swap.
