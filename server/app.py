@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.config import ServeConfig
+from server.disconnects import unless_client_leaves
 from server.errors import AdminAuthError
 from server.http_errors import error_response, install_error_boundary
 from server.metrics import CONTENT_TYPE
@@ -44,6 +45,7 @@ _ERROR_TEXT = {400: "bad request or corrupt image", 401: "admin token missing",
                409: "conflicts with the configuration", 413: "upload too large",
                415: "not a JPEG, PNG or WebP image", 422: "invalid parameters",
                429: "queue full: retry after Retry-After seconds",
+               499: "the client closed its connection first (logged and counted, never sent)",
                503: "not ready, shutting down, store unavailable or timed out"}
 
 
@@ -63,7 +65,7 @@ _V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"
             "name": {"type": "string"}, "datatype": {"const": "BYTES"},
             "shape": {"type": "array", "items": {"type": "integer"}},
             "data": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}}}}}}}}}}
-_INFER_ERRORS = _errors(400, 404, 408, 413, 415, 422, 429, 503)
+_INFER_ERRORS = _errors(400, 404, 408, 413, 415, 422, 429, 499, 503)
 _TASK_ERRORS = _errors(404, 422, 503)
 _ADMIN_ERRORS = _errors(401, 403, 404, 422, 503)
 
@@ -117,14 +119,14 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
                       top_k: int = Query(5, ge=1, le=1000)):
         task_known(request, task)
         uploads = await read_images(request, cfg.max_batch, cfg.max_image_bytes, cfg.request_timeout)
-        return predict_body(await runtime.infer(task, uploads), top_k)
+        return predict_body(await unless_client_leaves(request, runtime.infer(task, uploads)), top_k)
 
     @app.post("/v2/models/{task}/infer", responses=_INFER_ERRORS, openapi_extra=_V2_BODY)
     async def v2_infer(request: Request, task: str = _task_path()):
         task_known(request, task)
         uploads, body = await read_v2_images(request, cfg.max_batch, cfg.max_image_bytes,
                                              cfg.request_timeout)
-        return v2_infer_body(await runtime.infer(task, uploads), body)
+        return v2_infer_body(await unless_client_leaves(request, runtime.infer(task, uploads)), body)
 
     # -- Open Inference Protocol v2 metadata and health ----------------------------------------
 

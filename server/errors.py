@@ -51,3 +51,8 @@ class AdminAuthError(ServeError):
 
 class Conflict(ServeError):
     """An admin action that contradicts the configuration (e.g. unloading a pinned task) (409)."""
+
+
+class ClientGone(ServeError):
+    """The client closed its connection before its answer was ready; the work is dropped and the
+    request is logged and counted as 499 (the answer is never sent)."""

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from residual_store.errors import (
     InvalidTaskName,
@@ -21,6 +22,7 @@ from residual_store.errors import (
 )
 from server.errors import (
     AdminAuthError,
+    ClientGone,
     Conflict,
     ImageRejected,
     NotReady,
@@ -47,6 +49,8 @@ def error_response(status: int, error: str, detail: str,
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, short error name) of a deliberate exception."""
+    if isinstance(exc, (ClientGone, ClientDisconnect)):
+        return 499, "client closed request"  # nginx's code: the answer is never sent
     if isinstance(exc, ImageRejected):
         return _IMAGE_STATUS.get(exc.kind, (400, "bad request"))
     if isinstance(exc, UnknownTask):
@@ -83,6 +87,9 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     status, error = classify(exc)
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+    elif status == 499:
+        logger.info("%s %s -> 499: %s", request.method, request.url.path,
+                    exc or "the client closed its connection during the upload")
     return error_response(status, error, str(exc), _headers(exc, status))
 
 
@@ -113,6 +120,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_boundary(app: FastAPI) -> None:
     app.add_exception_handler(ServeError, _domain)
     app.add_exception_handler(ResidualStoreError, _domain)
+    app.add_exception_handler(ClientDisconnect, _domain)  # hung up mid-upload: not our failure
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Exception, _unexpected)
