@@ -4,7 +4,7 @@
     uda-serve --model ViT-B-16 --pretrained openai --store redis://redis:6379/0 --pin Ar2Cl
 
 SIGTERM (and Ctrl-C): stop accepting connections, answer what is queued within
---grace-period seconds, exit 0.
+--grace-period seconds, exit 0. A second Ctrl-C quits at once: the queue is dropped, exit 130.
 """
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from server.app import create_app
     from server.runtime import ServeRuntime
+    from server.uvicorn_server import DrainingServer
 
     try:
         runtime = ServeRuntime(config)
@@ -130,23 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _print_banner(runtime)
 
-    class DrainingServer(uvicorn.Server):
-        # uvicorn closes its listening socket only on its next tick; a request accepted in
-        # between must be refused, and readiness must fail, from the moment the signal lands.
-        def handle_exit(self, sig, frame):
-            runtime.begin_drain()
-            super().handle_exit(sig, frame)
-
     server = DrainingServer(uvicorn.Config(
         create_app(config, runtime), host=config.host, port=config.port,
         log_level=config.log_level, timeout_graceful_shutdown=config.grace_period,
-        lifespan="on"))
+        lifespan="on"), runtime)
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
     # installed as the "previous" ones, that re-raise is harmless and a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    runtime.stop()  # no-op when the lifespan shutdown ran already
+    server.serve_then_stop()
+    if server.force_exit:
+        print("uda-serve: stopped (forced: queued requests were dropped)", flush=True)
+        return 128 + signal.SIGINT
     print("uda-serve: stopped", flush=True)
     return 0
 

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import uvicorn
 from server.app import create_app
 from server.config import ServeConfig
 from server.runtime import ServeRuntime
+from server.uvicorn_server import DrainingServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,10 +35,11 @@ class EmbeddedServer:
         self.config = config
         self.runtime = ServeRuntime(config)
         self.app = create_app(config, self.runtime)
-        self._server = uvicorn.Server(uvicorn.Config(
+        self._server = DrainingServer(uvicorn.Config(
             self.app, host=config.host, port=config.port, log_level="warning",
-            timeout_graceful_shutdown=config.grace_period, lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, name="uda-uvicorn", daemon=True)
+            timeout_graceful_shutdown=config.grace_period, lifespan="on"), self.runtime)
+        self._thread = threading.Thread(target=self._server.serve_then_stop, name="uda-uvicorn",
+                                        daemon=True)
         self._startup_timeout = startup_timeout
 
     @property
@@ -55,7 +58,8 @@ class EmbeddedServer:
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        """What SIGTERM does to `uda-serve`: drain within --grace-period, then stop."""
+        self._server.handle_exit(signal.SIGTERM, None)
         self._thread.join(timeout=self.config.grace_period + 30)
 
     def __enter__(self) -> EmbeddedServer:

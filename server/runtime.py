@@ -130,15 +130,24 @@ class ServeRuntime:
         if self.batcher is not None:
             self.batcher.close()
 
-    def stop(self) -> None:
-        """Finish queued requests within --grace-period, then release everything."""
+    def begin_stop(self, grace: float | None = None) -> None:
+        """Refuse new work; the model threads answer what is queued within `grace` seconds
+        (--grace-period by default; 0: only the batches already running) and then exit."""
+        self.begin_drain()
+        for worker in self.workers:
+            worker.begin_stop(self.config.grace_period if grace is None else grace)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Finish queued requests within `grace` seconds (--grace-period by default), fail the
+        rest, then release everything."""
         if self.stopped:
             return
         self.stopped = True
-        for worker in self.workers:
-            worker.begin_stop(self.config.grace_period)
-        for worker in self.workers:
-            worker.finish_stop(self.config.grace_period)
+        grace = self.config.grace_period if grace is None else grace
+        self.begin_stop(grace)
+        dropped = sum(worker.finish_stop(grace) for worker in self.workers)
+        if dropped:
+            logger.warning("stopped with %d request(s) still queued; they were answered 503", dropped)
         if self.catalog is not None:
             self.catalog.stop()
         if self.cache is not None:
@@ -207,7 +216,7 @@ class ServeRuntime:
         now = self.batcher.clock()
         timeout = self.config.request_timeout
         request = PendingRequest(task, images, now, now + timeout,
-                                 lambda value: loop.call_soon_threadsafe(_settle, future, value))
+                                 lambda value: _settle_from_thread(loop, future, value))
         self.batcher.submit(request)
         try:
             return await asyncio.wait_for(future, timeout)
@@ -285,6 +294,13 @@ class ServeRuntime:
     def _require_started(self) -> None:
         if not self.started:
             raise NotReady("the server is starting: the base model is not loaded yet")
+
+
+def _settle_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, value)
+    except RuntimeError:  # the loop is closed (a forced exit): nobody waits for the answer
+        pass
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

@@ -75,13 +75,16 @@ class ModelWorker:
         self._stop_at = time.monotonic() + grace
         self.batcher.notify()
 
-    def finish_stop(self, grace: float) -> None:
-        """Wait for the thread, fail what is still queued, put the exact base weights back."""
+    def finish_stop(self, grace: float) -> int:
+        """Wait for the thread, fail what is still queued, put the exact base weights back;
+        the number of requests failed that way."""
         if self._thread is not None:
             self._thread.join(timeout=grace + 30)
-        for request in self.batcher.take_all():
+        dropped = [r for r in self.batcher.take_all() if not r.cancelled]  # cancelled: nobody waits
+        for request in dropped:
             request.resolve(ShuttingDown("the server stopped before this request ran"))
         self.engine.restore()
+        return len(dropped)
 
     @property
     def alive(self) -> bool:

@@ -7,6 +7,7 @@ is refused or answered 503); the process exits 0 before --grace-period runs out.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import signal
 import subprocess
 import threading
@@ -139,3 +140,52 @@ def test_requests_cancelled_by_the_shutdown_are_not_computed(tmp_path):
         stopper.join(60)
     assert 200 not in outcomes, outcomes  # the shutdown cancelled all four
     assert sum(w.batches for w in srv.runtime.workers) == before + 1  # only the held batch ran
+
+
+def test_a_second_ctrl_c_quits_at_once_without_computing_the_queue(tmp_path, caplog):
+    """The first Ctrl-C drains; the second is uvicorn's force quit: the event loop ends with
+    requests still open. The queue behind the running batch must not be computed, and answers
+    that find the loop gone must not crash the model thread's steps."""
+    v1 = rs.make_version("A", 1)
+    open_store(str(tmp_path / "store")).publish("A", v1.blob)
+    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, max_batch=1,
+                      grace_period=GRACE_S)
+    srv = EmbeddedServer(cfg).start()
+    caplog.set_level(logging.WARNING, logger="server")
+    lock = srv.runtime.engine._lock
+    held = False
+
+    def call(_):
+        with httpx.Client(base_url=srv.url, timeout=GRACE_S) as c:
+            try:
+                return rs.predict(c, "A").status_code
+            except httpx.TransportError as e:
+                return type(e).__name__
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert rs.matches(rs.predict(http, "A"), v1)  # resident: nothing left to load
+        before = sum(w.batches for w in srv.runtime.workers)
+        lock.acquire()  # the model thread stops inside the next batch
+        held = True
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call, i) for i in range(4)]
+            rs.wait_for("one request held in its batch, three queued",
+                        lambda: srv.runtime.batcher.depth == 3)
+            srv._server.handle_exit(signal.SIGINT, None)
+            rs.wait_for("the drain begun at the first signal",
+                        lambda: srv.runtime.readiness(require_store=False), timeout=10)
+            srv._server.handle_exit(signal.SIGINT, None)
+            outcomes = [f.result(GRACE_S) for f in futures]  # cut while the batch is held
+            lock.release()
+            held = False
+        rs.wait_for("the server thread and the model thread ended", lambda: not srv._thread.is_alive()
+                    and not any(w.alive for w in srv.runtime.workers), timeout=GRACE_S / 3)
+    finally:
+        if held:
+            lock.release()
+        srv.stop()
+    assert 200 not in outcomes, outcomes  # the force quit cut every connection
+    assert sum(w.batches for w in srv.runtime.workers) == before + 1  # only the held batch ran
+    assert srv.runtime.stopped
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

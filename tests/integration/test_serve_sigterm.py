@@ -1,10 +1,12 @@
-"""`uda-serve` as a real process: the start banner, and SIGTERM draining queued requests, exit 0."""
+"""`uda-serve` as a real process: the start banner, SIGTERM draining queued requests (exit 0), and
+a second Ctrl-C quitting at once (exit 130)."""
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,27 +27,35 @@ def _command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "server.cli"]
 
 
-def test_sigterm_drains_queued_requests_and_exits_0(tmp_path):
+def _start_ready(tmp_path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """A `uda-serve` process serving task Drain on uda-tiny-rn, once it is ready."""
     base = BaseSpec("uda-tiny-rn").build()
     store = open_store(str(tmp_path / "store"))
     store.publish("Drain", to_bytes(random_residual(base, "Drain", ["a", "b"], base_model="uda-tiny-rn")))
     port = free_port()
     proc = subprocess.Popen(
         _command() + ["--model", "uda-tiny-rn", "--store", str(tmp_path / "store"), "--port", str(port),
-                      "--max-batch", "16", "--grace-period", "60", "--log-level", "warning"],
+                      "--log-level", "warning", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"uda-serve exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("uda-serve did not become ready")
+        time.sleep(0.2)
+
+
+def test_sigterm_drains_queued_requests_and_exits_0(tmp_path):
+    proc, port = _start_ready(tmp_path, "--max-batch", "16", "--grace-period", "60")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "uda-serve did not become ready"
-            time.sleep(0.2)
 
         files = [("file", (f"{i}.png", image_bytes(i, size=64), "image/png")) for i in range(16)]
         finished: list[float] = []
@@ -73,3 +83,27 @@ def test_sigterm_drains_queued_requests_and_exits_0(tmp_path):
             proc.kill()
             proc.wait()
 
+
+
+def test_a_second_ctrl_c_quits_at_once_with_exit_130(tmp_path):
+    """A client still uploading keeps the first Ctrl-C's drain waiting (up to --grace-period);
+    the second one quits without waiting, and says so."""
+    proc, port = _start_ready(tmp_path, "--grace-period", "600")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /predict?task=Drain HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n" + b"\x89PNG")
+            time.sleep(0.5)  # the request is open on the server
+            proc.send_signal(signal.SIGINT)
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)  # draining: waits for the upload
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert "stopped (forced" in out, out
+        # uvicorn logs the requests it cancels; the runtime itself stops cleanly
+        assert "model thread" not in out and "Event loop is closed" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
