@@ -5,7 +5,8 @@ Two followers feed `consider`: store events (fast, may miss some) and a periodic
 served within about reconcile_interval seconds. A new version whose metadata names another base
 fingerprint is refused at once; for a task resident (or pinned) the new version is loaded in the
 background first and served only once it loaded, and for a task served but not resident the new
-file is fetched and validated first, so a residual refused at load time also leaves the old
+file is fetched and validated first (on the catalog's own threads, so a slow store holding one
+file back stalls neither follower), so a residual refused at load time also leaves the old
 version serving. The served version only moves forward (store versions increase).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from residual_store.errors import ResidualStoreError, UnknownTask
 from residual_store.stores import validate_task_name
@@ -23,6 +24,8 @@ from server.errors import TaskUnavailable
 from server.loader import refusal_reason
 
 logger = logging.getLogger(__name__)
+
+_VERIFY_WORKERS = 2  # concurrent checks of new versions of cold tasks (each reads one file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Catalog:
         # (task, version, sha256) -> None or a refusal: checks a new version of a task that is
         # not resident before it replaces the served one (ResidualLoader.verify).
         self._verify = verify
+        self._verifier = (ThreadPoolExecutor(max_workers=_VERIFY_WORKERS, thread_name_prefix="uda-verify")
+                          if verify is not None else None)
         self.cache = cache
         self.fingerprint = fingerprint
         self.metrics = metrics
@@ -128,6 +133,8 @@ class Catalog:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self._verifier is not None:
+            self._verifier.shutdown(wait=True, cancel_futures=True)
 
     def reconcile(self) -> bool:
         """Compare with the store's current versions and apply the differences; False if the store
@@ -294,13 +301,13 @@ class Catalog:
                 return
         if cold_known:
             # A served version exists but is not resident: check the new file before it replaces
-            # it (no device upload), or a bad file would turn a cold good task into a 503.
-            future = Future()
+            # it (no device upload), or a bad file would turn a cold good task into a 503. Off
+            # this thread: a follower waiting on one file would hold every other change back.
             try:
-                self._verify(task, version, sha256)
-                future.set_result(None)
-            except Exception as e:  # handed to _staged, which refuses or retries
-                future.set_exception(e)
+                future = self._verifier.submit(self._verify, task, version, sha256)
+            except RuntimeError:  # stopped: nothing switches any more
+                future = Future()
+                future.cancel()
         else:
             future = self.cache.load_async(task, version, sha256)
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f, reset))
@@ -324,11 +331,14 @@ class Catalog:
         return self._staging.get(task, -1) >= version and not reset  # loading already
 
     def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:
-        error = future.exception()
+        cancelled = future.cancelled()  # the check never ran: the catalog stopped
+        error = None if cancelled else future.exception()
         reason = refusal_reason(error) if error is not None else None
         with self._lock:
             if self._staging.get(candidate.task) == candidate.version:
                 del self._staging[candidate.task]
+            if cancelled:
+                return
             if error is None:
                 self._switch(candidate, reset)
                 return

@@ -35,30 +35,77 @@ def parts(tmp_path):
     return store, engine, metrics, loader, ResidualCache(1 << 30, loader, metrics=metrics)
 
 
-def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path):
+class ListedThenHeld:
+    """store.list_tasks that answers from the store, then waits for `release`: the reconcile
+    has its listing, and the test acts before the reconcile goes on with it."""
+
+    def __init__(self, list_tasks):
+        self.list_tasks = list_tasks
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def __call__(self):
+        listing = self.list_tasks()
+        self.arrived.set()
+        assert self.release.wait(60), "never released"
+        return listing
+
+
+def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path, monkeypatch):
     store, engine, metrics, loader, cache = parts(tmp_path)
     for task, seed in (("A", 1), ("C", 2)):
         store.publish(task, rs.make_version(task, seed).blob)
-    verify = rs.Held(loader.verify, "A", 2)
-    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
     catalog.reconcile()
     assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "C": 1}  # known, cold
 
     store.publish("A", rs.make_version("A", 3).blob)
     store.delete("C")
+    listing = ListedThenHeld(store.list_tasks)
+    monkeypatch.setattr(store, "list_tasks", listing)
     reconcile = threading.Thread(target=catalog.reconcile)
-    reconcile.start()  # lists A v2 and no C, then checks A v2 (held open)
+    reconcile.start()  # lists A v2 and no C, then waits
     try:
-        assert verify.arrived.wait(60)
+        assert listing.arrived.wait(60)
         # What the event follower does meanwhile: a new task B, and C published again.
         for task, seed in (("B", 4), ("C", 5)):
             info = store.publish(task, rs.make_version(task, seed).blob)
             catalog.consider(task, info.version, info.sha256)
-        assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "B": 1, "C": 2}
+        rs.wait_for("B served, and C's new version checked and served", lambda: {
+            t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "B": 1, "C": 2})
+    finally:
+        listing.release.set()
+        reconcile.join(60)
+    rs.wait_for("A v2 checked and served", lambda: catalog.get("A").version == 2)
+    assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 2, "B": 1, "C": 2}
+    catalog.stop()
+    store.close()
+
+
+def test_a_slow_check_of_one_new_version_holds_no_other_change_back(tmp_path):
+    """A new version of a served but cold task is fetched and checked before it is served; a
+    store slow on that one file must not stall the follower (and every other publish or
+    delete behind it) until the file arrives."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    for task, seed in (("A", 1), ("B", 2)):
+        store.publish(task, rs.make_version(task, seed).blob)
+    verify = rs.Held(loader.verify, "A", 2)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog.reconcile()
+    store.publish("A", rs.make_version("A", 3).blob)
+    store.publish("C", rs.make_version("C", 4).blob)
+    store.delete("B")
+    reconcile = threading.Thread(target=catalog.reconcile)
+    try:
+        reconcile.start()
+        assert verify.arrived.wait(60)
+        reconcile.join(30)  # bounds a hang only
+        assert not reconcile.is_alive(), "the reconcile round waits for A's file"
+        assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 1, "C": 1}
     finally:
         verify.release.set()
         reconcile.join(60)
-    assert {t: tv.version for t, tv in catalog.tasks().items()} == {"A": 2, "B": 1, "C": 2}
+    rs.wait_for("A v2 checked and served", lambda: catalog.get("A").version == 2)
+    catalog.stop()
     store.close()
 
 

@@ -86,7 +86,7 @@ def test_requests_wait_for_the_staging_version_when_theirs_was_trimmed(tmp_path)
 
         release.set()
         follower.join(60)
-        assert catalog.get("A").version == newest
+        rs.wait_for("the newest version checked and served", lambda: catalog.get("A").version == newest)
         step_until("the answer", lambda: answers)
     finally:
         release.set()  # never leave the follower blocked, even when an assertion failed
