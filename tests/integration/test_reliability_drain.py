@@ -97,95 +97,90 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_work(tmp_path):
 
 
 
-def test_requests_cancelled_by_the_shutdown_are_not_computed(tmp_path):
-    """uvicorn's graceful shutdown gives up after --grace-period and cancels the requests still
-    open; nobody reads their answers any more, so the drain must skip them instead of running
-    one batch each."""
-    v1 = rs.make_version("A", 1)
-    open_store(str(tmp_path / "store")).publish("A", v1.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, max_batch=1,
-                      grace_period=1.0)
-    srv = EmbeddedServer(cfg).start()
-    stopper = threading.Thread(target=srv.stop)
-    lock = srv.runtime.engine._lock
-    held = False
+class HeldBatch:
+    """A server answering task A one image per batch, its model thread held inside a batch
+    (the engine's lock) with three more requests queued behind it. `outcomes` are the four
+    clients' status codes (or transport error names); `before` counts the batches run first."""
 
-    def call(_):
-        with httpx.Client(base_url=srv.url, timeout=60) as c:
+    def __init__(self, tmp_path, grace_period: float):
+        self.version = rs.make_version("A", 1)
+        open_store(str(tmp_path / "store")).publish("A", self.version.blob)
+        self.srv = EmbeddedServer(ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0,
+                                              max_batch=1, grace_period=grace_period))
+        self._lock = self.srv.runtime.engine._lock
+        self._held = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(4)
+
+    def _call(self) -> int | str:
+        with httpx.Client(base_url=self.srv.url, timeout=GRACE_S) as c:
             try:
                 return rs.predict(c, "A").status_code
             except httpx.TransportError as e:
                 return type(e).__name__
 
-    try:
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
-            assert rs.matches(rs.predict(http, "A"), v1)  # resident: nothing left to load
-        before = sum(w.batches for w in srv.runtime.workers)
-        lock.acquire()  # the model thread stops inside the next batch
-        held = True
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(call, i) for i in range(4)]
+    def __enter__(self) -> HeldBatch:
+        self.srv.start()
+        try:
+            with httpx.Client(base_url=self.srv.url, timeout=60) as http:
+                assert rs.matches(rs.predict(http, "A"), self.version)  # resident: nothing to load
+            self.before = self.batches()
+            self._lock.acquire()  # the model thread stops inside the next batch
+            self._held = True
+            self._futures = [self._pool.submit(self._call) for _ in range(4)]
             rs.wait_for("one request held in its batch, three queued",
-                        lambda: srv.runtime.batcher.depth == 3)
-            stopper.start()
-            # Each client has an answer (uvicorn's 500) once uvicorn cancelled its request.
-            outcomes = [f.result(60) for f in futures]
-        lock.release()
-        held = False
-    finally:
-        if held:
-            lock.release()
-        if not stopper.is_alive() and stopper.ident is None:
-            stopper.start()
+                        lambda: self.srv.runtime.batcher.depth == 3)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def outcomes(self) -> list[int | str]:
+        return [f.result(GRACE_S) for f in self._futures]
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def batches(self) -> int:
+        return sum(w.batches for w in self.srv.runtime.workers)
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.srv.stop()
+        self._pool.shutdown()
+
+
+def test_requests_cancelled_by_the_shutdown_are_not_computed(tmp_path):
+    """uvicorn's graceful shutdown gives up after --grace-period and cancels the requests still
+    open; nobody reads their answers any more, so the drain must skip them instead of running
+    one batch each."""
+    with HeldBatch(tmp_path, grace_period=1.0) as held:
+        stopper = threading.Thread(target=held.srv.stop)
+        stopper.start()
+        outcomes = held.outcomes()  # uvicorn's 500 each, once it cancelled the request
+        held.release()
         stopper.join(60)
     assert 200 not in outcomes, outcomes  # the shutdown cancelled all four
-    assert sum(w.batches for w in srv.runtime.workers) == before + 1  # only the held batch ran
+    assert held.batches() == held.before + 1  # only the held batch ran
 
 
 def test_a_second_ctrl_c_quits_at_once_without_computing_the_queue(tmp_path, caplog):
     """The first Ctrl-C drains; the second is uvicorn's force quit: the event loop ends with
     requests still open. The queue behind the running batch must not be computed, and answers
     that find the loop gone must not crash the model thread's steps."""
-    v1 = rs.make_version("A", 1)
-    open_store(str(tmp_path / "store")).publish("A", v1.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, max_batch=1,
-                      grace_period=GRACE_S)
-    srv = EmbeddedServer(cfg).start()
     caplog.set_level(logging.WARNING, logger="server")
-    lock = srv.runtime.engine._lock
-    held = False
-
-    def call(_):
-        with httpx.Client(base_url=srv.url, timeout=GRACE_S) as c:
-            try:
-                return rs.predict(c, "A").status_code
-            except httpx.TransportError as e:
-                return type(e).__name__
-
-    try:
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
-            assert rs.matches(rs.predict(http, "A"), v1)  # resident: nothing left to load
-        before = sum(w.batches for w in srv.runtime.workers)
-        lock.acquire()  # the model thread stops inside the next batch
-        held = True
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(call, i) for i in range(4)]
-            rs.wait_for("one request held in its batch, three queued",
-                        lambda: srv.runtime.batcher.depth == 3)
-            srv._server.handle_exit(signal.SIGINT, None)
-            rs.wait_for("the drain begun at the first signal",
-                        lambda: srv.runtime.readiness(require_store=False), timeout=10)
-            srv._server.handle_exit(signal.SIGINT, None)
-            outcomes = [f.result(GRACE_S) for f in futures]  # cut while the batch is held
-            lock.release()
-            held = False
+    with HeldBatch(tmp_path, grace_period=GRACE_S) as held:
+        srv = held.srv
+        srv._server.handle_exit(signal.SIGINT, None)
+        rs.wait_for("the drain begun at the first signal",
+                    lambda: srv.runtime.readiness(require_store=False), timeout=10)
+        srv._server.handle_exit(signal.SIGINT, None)
+        outcomes = held.outcomes()  # cut while the batch is held
+        held.release()
         rs.wait_for("the server thread and the model thread ended", lambda: not srv._thread.is_alive()
                     and not any(w.alive for w in srv.runtime.workers), timeout=GRACE_S / 3)
-    finally:
-        if held:
-            lock.release()
-        srv.stop()
     assert 200 not in outcomes, outcomes  # the force quit cut every connection
-    assert sum(w.batches for w in srv.runtime.workers) == before + 1  # only the held batch ran
+    assert held.batches() == held.before + 1  # only the held batch ran
     assert srv.runtime.stopped
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
