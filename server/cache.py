@@ -14,12 +14,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 from torch import nn
 
 from residual_store import PackedResidual, ParamLayout, Residual
+from server.daemon_pool import DaemonPool
 from server.errors import CacheFull
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class ResidualCache:
         self._pinned: set[str] = set()
         self._loading: dict[Key, Future] = {}
         self._lock = threading.RLock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-load")
+        self._pool = DaemonPool(workers, "uda-load")
         self.bytes_used = 0
 
     # -- reads --------------------------------------------------------------------------------
@@ -233,5 +234,6 @@ class ResidualCache:
         finally:
             self._on_change()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, timeout: float = 10.0) -> None:
+        """Drop the loads not started; wait up to `timeout` seconds for the running ones."""
+        self._pool.close(timeout)

@@ -16,10 +16,11 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from residual_store.errors import ResidualStoreError, UnknownTask
 from residual_store.stores import validate_task_name
+from server.daemon_pool import DaemonPool
 from server.errors import TaskUnavailable
 from server.loader import refusal_reason
 
@@ -75,8 +76,7 @@ class Catalog:
         # (task, version, sha256) -> None or a refusal: checks a new version of a task that is
         # not resident before it replaces the served one (ResidualLoader.verify).
         self._verify = verify
-        self._verifier = (ThreadPoolExecutor(max_workers=_VERIFY_WORKERS, thread_name_prefix="uda-verify")
-                          if verify is not None else None)
+        self._verifier = DaemonPool(_VERIFY_WORKERS, "uda-verify") if verify is not None else None
         self.cache = cache
         self.fingerprint = fingerprint
         self.metrics = metrics
@@ -84,7 +84,11 @@ class Catalog:
         self._on_change = on_change or (lambda: None)
         self._tasks: dict[str, TaskVersion] = {}
         self._refused: dict[str, Refusal] = {}
-        self._staging: dict[str, int] = {}  # task -> version being loaded before the switch
+        # task -> (version, sha256) being loaded or checked before the switch
+        self._staging: dict[str, tuple[int, str]] = {}
+        # task -> how many times it was deleted: a load or check begun before a delete must not
+        # bring the task back when it ends
+        self._deletions: dict[str, int] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -129,12 +133,15 @@ class Catalog:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the followers and the checks; waits at most about `timeout` seconds for a store
+        read in progress."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._verifier is not None:
-            self._verifier.shutdown(wait=True, cancel_futures=True)
+            self._verifier.close(max(0.0, deadline - time.monotonic()))
 
     def reconcile(self) -> bool:
         """Compare with the store's current versions and apply the differences; False if the store
@@ -212,7 +219,8 @@ class Catalog:
         """True when `task` is served or staging at a version newer than `version`."""
         with self._lock:
             now = self._tasks.get(task)
-            return now is not None and max(now.version, self._staging.get(task, -1)) > version
+            staged = self._staging.get(task)
+            return now is not None and max(now.version, staged[0] if staged else -1) > version
 
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""
@@ -295,7 +303,8 @@ class Catalog:
             warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)
             cold_known = old is not None and not warm and self._verify is not None
             if warm or cold_known or (old is None and task in self.cache.pinned):
-                self._staging[task] = version
+                self._staging[task] = (version, sha256)
+                deletions = self._deletions.get(task, 0)
             else:
                 self._switch(candidate, reset)
                 return
@@ -310,7 +319,7 @@ class Catalog:
                 future.cancel()
         else:
             future = self.cache.load_async(task, version, sha256)
-        future.add_done_callback(lambda f, c=candidate: self._staged(c, f, reset))
+        future.add_done_callback(lambda f, c=candidate: self._staged(c, f, deletions, reset))
 
     def _settled(self, task: str, version: int, sha256: str, reset: bool) -> bool:
         """True when the store's (version, sha256) of `task` needs nothing more from consider:
@@ -328,16 +337,24 @@ class Catalog:
             # Counted and logged once already. The sha too: a store reset numbers from 1 again,
             # and the file refused as v1 before it says nothing about the v1 of now.
             return True
-        return self._staging.get(task, -1) >= version and not reset  # loading already
+        staged = self._staging.get(task)
+        if staged == (version, sha256):
+            return True  # loading or checked already, after a store reset too
+        return staged is not None and staged[0] >= version and not reset  # a newer one loading
 
-    def _staged(self, candidate: TaskVersion, future: Future, reset: bool = False) -> None:
+    def _staged(self, candidate: TaskVersion, future: Future, deletions: int,
+                reset: bool = False) -> None:
         cancelled = future.cancelled()  # the check never ran: the catalog stopped
         error = None if cancelled else future.exception()
         reason = refusal_reason(error) if error is not None else None
         with self._lock:
-            if self._staging.get(candidate.task) == candidate.version:
+            if self._staging.get(candidate.task) == (candidate.version, candidate.sha256):
                 del self._staging[candidate.task]
             if cancelled:
+                return
+            if self._deletions.get(candidate.task, 0) != deletions:
+                # Deleted while it loaded: a loaded entry would sit in the cache for nobody.
+                self.cache.evict(candidate.key, reason="deleted")
                 return
             if error is None:
                 self._switch(candidate, reset)
@@ -423,6 +440,8 @@ class Catalog:
     def remove(self, task: str) -> None:
         with self._lock:
             self._refused.pop(task, None)
+            self._staging.pop(task, None)
+            self._deletions[task] = self._deletions.get(task, 0) + 1
             if self._tasks.pop(task, None) is None:
                 return
             self.cache.evict_task(task, reason="deleted")

@@ -34,6 +34,7 @@ from server.worker import BatchResult, ModelWorker
 logger = logging.getLogger(__name__)
 
 _STARTUP_LOAD_TIMEOUT_S = 300.0
+_STORE_READ_WAIT_S = 10.0  # how long a stop waits for a residual load or check in flight
 
 
 class ServeRuntime:
@@ -148,10 +149,13 @@ class ServeRuntime:
         dropped = sum(worker.finish_stop(grace) for worker in self.workers)
         if dropped:
             logger.warning("stopped with %d request(s) still queued; they were answered 503", dropped)
+        # A store read in flight (a residual load, a version check) is waited for a while, not
+        # forever (a hung store), and not at all when the stop is forced (grace 0).
+        wait_s = _STORE_READ_WAIT_S if grace > 0 else 0.0
         if self.catalog is not None:
-            self.catalog.stop()
+            self.catalog.stop(wait_s)
         if self.cache is not None:
-            self.cache.close()
+            self.cache.close(wait_s)
         if self.decoder is not None:
             self.decoder.close()
         try:

@@ -269,17 +269,21 @@ def raw_publish(r: redis.Redis, prefix: str, task: str, blob: bytes, metadata: d
 class Held:
     """Wraps a real call (a loader, a store read): the calls whose arguments start with `args`
     wait for `release`, so a test can hold one part of the server open at a chosen point and
-    run the racing order every time. `arrived` is set when the first one waits."""
+    run the racing order every time. `arrived` is set when the first one waits; with
+    `after=True` the call is made first and its result held back (the read is done, what the
+    caller does with it is not)."""
 
-    def __init__(self, call: Callable[..., T], *args: Any):
-        self.call, self.args = call, args
+    def __init__(self, call: Callable[..., T], *args: Any, after: bool = False):
+        self.call, self.args, self.after = call, args, after
         self.arrived, self.release = threading.Event(), threading.Event()
 
     def __call__(self, *args: Any, **kw: Any) -> T:
-        if args[:len(self.args)] == self.args:
-            self.arrived.set()
-            assert self.release.wait(60), "never released"
-        return self.call(*args, **kw)
+        if args[:len(self.args)] != self.args:
+            return self.call(*args, **kw)
+        result = self.call(*args, **kw) if self.after else None
+        self.arrived.set()
+        assert self.release.wait(60), "never released"
+        return result if self.after else self.call(*args, **kw)
 
 
 def reference_first_frame(version: Version, png: bytes) -> torch.Tensor:

@@ -9,6 +9,7 @@ time.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 
 import pytest
@@ -35,21 +36,6 @@ def parts(tmp_path):
     return store, engine, metrics, loader, ResidualCache(1 << 30, loader, metrics=metrics)
 
 
-class ListedThenHeld:
-    """store.list_tasks that answers from the store, then waits for `release`: the reconcile
-    has its listing, and the test acts before the reconcile goes on with it."""
-
-    def __init__(self, list_tasks):
-        self.list_tasks = list_tasks
-        self.arrived, self.release = threading.Event(), threading.Event()
-
-    def __call__(self):
-        listing = self.list_tasks()
-        self.arrived.set()
-        assert self.release.wait(60), "never released"
-        return listing
-
-
 def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path, monkeypatch):
     store, engine, metrics, loader, cache = parts(tmp_path)
     for task, seed in (("A", 1), ("C", 2)):
@@ -60,7 +46,7 @@ def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path, mo
 
     store.publish("A", rs.make_version("A", 3).blob)
     store.delete("C")
-    listing = ListedThenHeld(store.list_tasks)
+    listing = rs.Held(store.list_tasks, after=True)  # the reconcile has its listing, then waits
     monkeypatch.setattr(store, "list_tasks", listing)
     reconcile = threading.Thread(target=catalog.reconcile)
     reconcile.start()  # lists A v2 and no C, then waits
@@ -161,4 +147,56 @@ def test_a_version_superseded_while_it_loaded_leaves_the_cache(tmp_path):
     assert catalog.get("P").version == v3.version
     assert cache.keys() == [("P", v3.sha256)]
     cache.close()
+    store.close()
+
+
+def test_a_task_deleted_while_its_new_version_is_checked_stays_deleted(tmp_path):
+    """The event follower, in order: A v2 published (A is cold: its file is checked, held open),
+    then A deleted. The check ending after the delete must not bring A back."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    store.publish("A", rs.make_version("A", 1).blob)
+    verify = rs.Held(loader.verify, "A", 2, after=True)  # the file is read and good, then held
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog.reconcile()
+    info = store.publish("A", rs.make_version("A", 2).blob)
+    catalog.consider("A", info.version, info.sha256)
+    assert verify.arrived.wait(60)
+    store.delete("A")
+    catalog._confirmed_remove("A")  # what the delete event does
+    verify.release.set()
+    catalog.stop()  # waits for the check and what it does when it ends
+    assert catalog.tasks() == {}
+    store.close()
+
+
+def test_after_a_store_reset_a_check_in_flight_is_not_started_again_every_round(tmp_path):
+    """The store restarted empty and A was republished (v1 again, another file); while its
+    check is slow, every reconcile round sees the same (version, sha256): one check, not one
+    per round (each a blob read, and for a bad file a refusal counted again)."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    store.publish("A", rs.make_version("A", 1).blob)
+    store.publish("A", rs.make_version("A", 2).blob)
+    checks = []
+    verify = rs.Held(loader.verify, "A", 1)
+
+    def counted(task, version, sha256):
+        checks.append((task, version))
+        verify(task, version, sha256)
+
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=counted)
+    catalog.reconcile()
+    assert catalog.get("A").version == 2  # known, cold
+    shutil.rmtree(tmp_path / "store")
+    new = rs.make_version("A", 7)
+    assert store.publish("A", new.blob).version == 1
+    try:
+        catalog.reconcile()
+        assert verify.arrived.wait(60)
+        for _ in range(3):
+            catalog.reconcile()
+        assert checks == [("A", 1)]
+    finally:
+        verify.release.set()
+    rs.wait_for("the new v1 served", lambda: catalog.get("A").sha256 == store.info("A").sha256)
+    catalog.stop()
     store.close()
