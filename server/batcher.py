@@ -37,7 +37,6 @@ class PendingRequest:
     enqueued: float  # batcher clock at submit
     deadline: float  # batcher clock after which nobody waits for the answer any more
     resolve: Callable[[Any], None]  # thread-safe: result object or exception
-    cancelled: bool = False  # set by the client side after a timeout: skip the work
 
     @property
     def n(self) -> int:
@@ -78,6 +77,20 @@ class Batcher:
             self._depth += 1
             self._on_depth(self._depth)
             self._wake()
+
+    def cancel(self, request: PendingRequest) -> None:
+        """Nobody waits for `request` any more (its client gave up or left): it leaves the queue
+        now, so it holds no --max-queue slot until the model thread's next look. One already
+        taken into a batch runs; its answer is dropped."""
+        with self.cond:
+            q = self._queues.get(request.task)
+            if q is None or request not in q:  # eq=False: identity
+                return
+            q.remove(request)
+            if not q:
+                del self._queues[request.task]
+            self._depth -= 1
+            self._on_depth(self._depth)
 
     def close(self) -> None:
         """Refuse new requests; queued ones stay for the model thread to finish."""
@@ -155,15 +168,15 @@ class Batcher:
             return out
 
     def take_expired(self, now: float | None = None) -> list[PendingRequest]:
-        """Remove and return requests past their deadline or cancelled by their client."""
+        """Remove and return requests past their deadline."""
         now = self.clock() if now is None else now
         with self.cond:
             out: list[PendingRequest] = []
             for task in list(self._queues):
                 q = self._queues[task]
-                keep = deque(r for r in q if not (r.cancelled or r.deadline <= now))
+                keep = deque(r for r in q if r.deadline > now)
                 if len(keep) != len(q):
-                    out.extend(r for r in q if r.cancelled or r.deadline <= now)
+                    out.extend(r for r in q if r.deadline <= now)
                     if keep:
                         self._queues[task] = keep
                     else:

@@ -229,9 +229,9 @@ class ServeRuntime:
         finally:
             # wait_for cancels `future` whenever it gives up, on its timeout and when this task is
             # cancelled (uvicorn cancels the requests still open when its graceful shutdown times
-            # out): nobody will read the answer, so the model thread skips the work.
+            # out): nobody will read the answer, so the work leaves the queue.
             if future.cancelled():
-                request.cancelled = True
+                self.batcher.cancel(request)
 
     # -- listing -----------------------------------------------------------------------------------
 

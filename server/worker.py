@@ -80,7 +80,7 @@ class ModelWorker:
         the number of requests failed that way."""
         if self._thread is not None:
             self._thread.join(timeout=grace + 30)
-        dropped = [r for r in self.batcher.take_all() if not r.cancelled]  # cancelled: nobody waits
+        dropped = self.batcher.take_all()
         for request in dropped:
             request.resolve(ShuttingDown("the server stopped before this request ran"))
         self.engine.restore()
