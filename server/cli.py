@@ -117,8 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from server.app import create_app
     from server.runtime import ServeRuntime
     from server.uvicorn_server import DrainingServer
@@ -131,10 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _print_banner(runtime)
 
-    server = DrainingServer(uvicorn.Config(
-        create_app(config, runtime), host=config.host, port=config.port,
-        log_level=config.log_level, timeout_graceful_shutdown=config.grace_period,
-        lifespan="on"), runtime)
+    server = DrainingServer(create_app(config, runtime), config, runtime, config.log_level)
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
     # installed as the "previous" ones, that re-raise is harmless and a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

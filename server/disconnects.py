@@ -4,8 +4,8 @@ A client that times out and closes its connection (or is killed) leaves its requ
 computing it would spend a batch on an answer nobody reads, and under overload that is what
 keeps the queue full. Once a request's body is read, ASGI `receive()` blocks until the client
 disconnects (uvicorn answers `http.disconnect` then, or once the response is complete), so a
-watcher awaiting it tells when to give up: the work is cancelled, which marks the queued request
-cancelled (runtime.infer) so the model thread skips it.
+watcher awaiting it tells when to give up: the work is cancelled, which takes the request out of
+the queue (runtime.infer) before the model thread gets to it.
 """
 from __future__ import annotations
 
@@ -25,11 +25,18 @@ async def _disconnected(request: Request) -> None:
         pass  # a body already read: nothing more arrives but the disconnect
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """The result of `work`, or ClientGone as soon as the client closed its connection (with
     `work` cancelled). Call it only after the request body has been read."""
     job = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
+    for task in (job, watcher):  # one that fails as the other wins must not log "never retrieved"
+        task.add_done_callback(_retrieve)
     try:
         await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:

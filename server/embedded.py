@@ -10,8 +10,6 @@ import socket
 import threading
 import time
 
-import uvicorn
-
 from server.app import create_app
 from server.config import ServeConfig
 from server.runtime import ServeRuntime
@@ -35,9 +33,7 @@ class EmbeddedServer:
         self.config = config
         self.runtime = ServeRuntime(config)
         self.app = create_app(config, self.runtime)
-        self._server = DrainingServer(uvicorn.Config(
-            self.app, host=config.host, port=config.port, log_level="warning",
-            timeout_graceful_shutdown=config.grace_period, lifespan="on"), self.runtime)
+        self._server = DrainingServer(self.app, config, self.runtime, log_level="warning")
         self._thread = threading.Thread(target=self._server.serve_then_stop, name="uda-uvicorn",
                                         daemon=True)
         self._startup_timeout = startup_timeout

@@ -89,7 +89,7 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
     elif status == 499:
         logger.info("%s %s -> 499: %s", request.method, request.url.path,
-                    exc or "the client closed its connection during the upload")
+                    str(exc) or "the client closed its connection during the upload")
     return error_response(status, error, str(exc), _headers(exc, status))
 
 

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import uvicorn
 
+from server.config import ServeConfig
 from server.runtime import ServeRuntime
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: ServeRuntime):
-        super().__init__(config)
+    def __init__(self, app, config: ServeConfig, runtime: ServeRuntime, log_level: str):
+        # h11: uvicorn's httptools protocol tells only the newest of pipelined requests that
+        # their connection closed, so the ones before it would be computed for nobody
+        # (server/disconnects.py); h11 tells every one.
+        super().__init__(uvicorn.Config(
+            app, host=config.host, port=config.port, http="h11", log_level=log_level,
+            timeout_graceful_shutdown=config.grace_period, lifespan="on"))
         self.runtime = runtime
 
     def handle_exit(self, sig, frame) -> None:
