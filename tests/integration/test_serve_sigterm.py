@@ -91,9 +91,14 @@ def test_a_second_ctrl_c_quits_at_once_with_exit_130(tmp_path):
     proc, port = _start_ready(tmp_path, "--grace-period", "600")
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /predict?task=Drain HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n" + b"\x89PNG")
-            time.sleep(0.5)  # the request is open on the server
+            sock.sendall(b"POST /predict?task=Drain HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n")
+            seen = b""
+            while b"100 Continue" not in seen:  # the route has begun to read the body
+                chunk = sock.recv(1024)
+                assert chunk, seen
+                seen += chunk
+            sock.sendall(b"\x89PNG")
             proc.send_signal(signal.SIGINT)
             with pytest.raises(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)  # draining: waits for the upload
