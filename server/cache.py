@@ -21,7 +21,7 @@ from torch import nn
 
 from residual_store import PackedResidual, ParamLayout, Residual
 from server.daemon_pool import DaemonPool
-from server.errors import CacheFull
+from server.errors import CacheFull, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class ResidualCache:
         self._entries: OrderedDict[Key, CachedResidual] = OrderedDict()  # oldest use first
         self._pinned: set[str] = set()
         self._loading: dict[Key, Future] = {}
+        self._unwanted: set[Key] = set()  # loading, but of a deleted task: not inserted
         self._lock = threading.RLock()
         self._pool = DaemonPool(workers, "uda-load")
         self.bytes_used = 0
@@ -168,12 +169,17 @@ class ResidualCache:
             self._remove(key, reason)
             return True
 
-    def evict_task(self, task: str, keep_sha: str | None = None, reason: str = "stale") -> int:
-        """Drop every resident version of `task` except `keep_sha`; returns how many."""
+    def evict_task(self, task: str, keep_sha: str | None = None, reason: str = "stale",
+                   loading_too: bool = False) -> int:
+        """Drop every resident version of `task` except `keep_sha`; returns how many. With
+        `loading_too` (the task was deleted) the loads in flight are not inserted when they end,
+        unless someone asks for them again meanwhile."""
         with self._lock:
             keys = [k for k in self._entries if k[0] == task and k[1] != keep_sha]
             for key in keys:
                 self._remove(key, reason)
+            if loading_too:
+                self._unwanted.update(k for k in self._loading if k[0] == task and k[1] != keep_sha)
             return len(keys)
 
     def _remove(self, key: Key, reason: str) -> None:
@@ -207,23 +213,44 @@ class ResidualCache:
                 return done
             future = self._loading.get(key)
             if future is not None:
+                self._unwanted.discard(key)  # wanted again (the task was republished)
                 return future
             future = Future()
             self._loading[key] = future
         if self._metrics is not None:
             self._metrics.cache_miss()
-        self._pool.submit(self._load, key, version, future)
+        try:
+            job = self._pool.submit(self._load, key, version, future)
+        except RuntimeError:  # closed
+            self._abandon(key, future)
+        else:
+            job.add_done_callback(lambda j: j.cancelled() and self._abandon(key, future))
         return future
+
+    def _abandon(self, key: Key, future: Future) -> None:
+        """A load that will never run (the cache closed): whoever waits gets ShuttingDown."""
+        with self._lock:
+            if self._loading.get(key) is future:
+                del self._loading[key]
+            self._unwanted.discard(key)
+        future.set_exception(ShuttingDown(f"the server is stopping: {key[0]} was not loaded"))
 
     def _load(self, key: Key, version: int, future: Future) -> None:
         t0 = time.perf_counter()
         try:
             entry = self._loader(key[0], version, key[1])
-            self.put(entry)
+            with self._lock:
+                if key in self._unwanted:
+                    self._unwanted.discard(key)
+                    logger.info("not keeping %s v%d: the task was deleted while it loaded",
+                                key[0], version)
+                else:
+                    self.put(entry)
         except BaseException as e:  # handed to the waiting requests, never lost in the pool
             logger.warning("loading %s (%s) v%d failed: %s", key[0], key[1][:12], version, e)
             with self._lock:
                 self._loading.pop(key, None)
+                self._unwanted.discard(key)
             future.set_exception(e)
         else:
             if self._metrics is not None:

@@ -149,6 +149,9 @@ class Catalog:
         # What was served before the listing: a task the event follower adds while the loop
         # below reads the store is not in `current`, and is no deleted task.
         known = set(self.tasks())
+        with self._lock:
+            # A delete that lands after the listing was read makes its entry for that task stale.
+            deletions = dict(self._deletions)
         try:
             # ping first: a directory store whose volume vanished would list "no tasks", and
             # deleting every task then would be wrong; unreachable means keep serving.
@@ -177,7 +180,8 @@ class Catalog:
                 logger.warning("store %s: task %s is back at v%d below the served v%d, the store "
                                "was reset; following it", self.store.url, task, info.version,
                                served.version)
-            self.consider(task, info.version, info.sha256, info, reset=reset)
+            self.consider(task, info.version, info.sha256, info, reset=reset,
+                          deletions=deletions.get(task, 0))
         missing = known - set(current)
         if not self._store_reset:
             for task in missing:
@@ -269,13 +273,18 @@ class Catalog:
 
     # -- changes ------------------------------------------------------------------------------------
 
-    def consider(self, task: str, version: int, sha256: str, info=None, reset: bool = False) -> None:
+    def consider(self, task: str, version: int, sha256: str, info=None, reset: bool = False,
+                 deletions: int | None = None) -> None:
         """React to `task` having current (version, sha256) in the store (`info`: its
         VersionInfo when the caller has it already; `reset`: the store lost the served version
-        and numbers again from 1, so a lower version is news)."""
+        and numbers again from 1, so a lower version is news; `deletions`: how many deletes of
+        the task the catalog had seen when the caller read the store, for a read that may have
+        been overtaken by a delete since)."""
         with self._lock:
-            if self._settled(task, version, sha256, reset):
+            if self._overtaken(task, deletions) or self._settled(task, version, sha256, reset):
                 return
+            if deletions is None:  # the store is read below: a delete meanwhile overtakes it
+                deletions = self._deletions.get(task, 0)
         try:
             info = info if info is not None else self.store.info(task, version)
         except UnknownTask:
@@ -290,7 +299,7 @@ class Catalog:
         with self._lock:
             # Again: the lock was released for the store read, and the other follower (events
             # vs reconcile) may have refused, staged or switched to this version meanwhile.
-            if self._settled(task, version, sha256, reset):
+            if self._overtaken(task, deletions) or self._settled(task, version, sha256, reset):
                 return
             if theirs != self.fingerprint:
                 self._refuse(candidate, "base_mismatch",
@@ -304,7 +313,6 @@ class Catalog:
             cold_known = old is not None and not warm and self._verify is not None
             if warm or cold_known or (old is None and task in self.cache.pinned):
                 self._staging[task] = (version, sha256)
-                deletions = self._deletions.get(task, 0)
             else:
                 self._switch(candidate, reset)
                 return
@@ -320,6 +328,10 @@ class Catalog:
         else:
             future = self.cache.load_async(task, version, sha256)
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f, deletions, reset))
+
+    def _overtaken(self, task: str, deletions: int | None) -> bool:
+        """True when `task` was deleted since a read that saw `deletions` deletes of it."""
+        return deletions is not None and self._deletions.get(task, 0) != deletions
 
     def _settled(self, task: str, version: int, sha256: str, reset: bool) -> bool:
         """True when the store's (version, sha256) of `task` needs nothing more from consider:
@@ -352,10 +364,8 @@ class Catalog:
                 del self._staging[candidate.task]
             if cancelled:
                 return
-            if self._deletions.get(candidate.task, 0) != deletions:
-                # Deleted while it loaded: a loaded entry would sit in the cache for nobody.
-                self.cache.evict(candidate.key, reason="deleted")
-                return
+            if self._overtaken(candidate.task, deletions):
+                return  # deleted while it loaded (the cache did not keep the entry either)
             if error is None:
                 self._switch(candidate, reset)
                 return
@@ -442,9 +452,9 @@ class Catalog:
             self._refused.pop(task, None)
             self._staging.pop(task, None)
             self._deletions[task] = self._deletions.get(task, 0) + 1
+            self.cache.evict_task(task, reason="deleted", loading_too=True)
             if self._tasks.pop(task, None) is None:
                 return
-            self.cache.evict_task(task, reason="deleted")
             count = len(self._tasks)
         logger.info("task %s deleted from the store", task)
         if self.metrics is not None:

@@ -200,3 +200,55 @@ def test_after_a_store_reset_a_check_in_flight_is_not_started_again_every_round(
     rs.wait_for("the new v1 served", lambda: catalog.get("A").sha256 == store.info("A").sha256)
     catalog.stop()
     store.close()
+
+
+@pytest.mark.parametrize("others", [(), ("B",)])
+def test_a_delete_after_the_reconcile_listed_the_store_is_not_undone(tmp_path, monkeypatch, others):
+    """The reconcile lists A; the delete event removes A; the reconcile then goes on with its
+    listing. A must stay deleted, and (when A was the only task) the next round must not take
+    the empty store for a wiped one that A is served from."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    for seed, task in enumerate(("A", *others)):
+        store.publish(task, rs.make_version(task, 60 + seed).blob)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
+    info = store.info("A")
+    listing = rs.Held(store.list_tasks, after=True)
+    monkeypatch.setattr(store, "list_tasks", listing)
+    reconcile = threading.Thread(target=catalog.reconcile)
+    reconcile.start()
+    try:
+        assert listing.arrived.wait(60)
+        store.delete("A")
+        catalog.consider("A", info.version, info.sha256)  # the publish event, first served here
+        catalog._confirmed_remove("A")  # then the delete event
+    finally:
+        listing.release.set()
+        reconcile.join(60)
+    assert "A" not in catalog.tasks()
+    monkeypatch.setattr(store, "list_tasks", listing.call)
+    assert catalog.reconcile()
+    assert set(catalog.tasks()) == set(others) and catalog.store_warning is None
+    catalog.stop()
+    store.close()
+
+
+def test_a_residual_loading_when_its_task_is_deleted_is_not_kept(tmp_path):
+    """A request's load of A (the model thread's, not the catalog's) is in flight when A is
+    deleted: the entry must not become resident for a task nobody can ask for."""
+    store, engine, metrics, loader, _ = parts(tmp_path)
+    store.publish("A", rs.make_version("A", 1).blob)
+    load = rs.Held(loader, "A", after=True)  # read and parsed, then held
+    cache = ResidualCache(1 << 30, load, metrics=metrics)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
+    catalog.reconcile()
+    served = catalog.get("A")
+    future = cache.load_async("A", served.version, served.sha256)
+    assert load.arrived.wait(60)
+    store.delete("A")
+    catalog._confirmed_remove("A")
+    load.release.set()
+    assert future.result(60).task == "A"
+    assert cache.keys() == [] and cache.bytes_used == 0
+    catalog.stop()
+    cache.close()
+    store.close()

@@ -9,7 +9,7 @@ from torch import nn
 
 from residual_store import FlatResidual
 from server.cache import CachedResidual, ResidualCache
-from server.errors import CacheFull
+from server.errors import CacheFull, ShuttingDown
 from server.metrics import Metrics
 
 
@@ -150,3 +150,48 @@ def test_a_new_version_of_a_pinned_task_replaces_its_old_one():
     with pytest.raises(CacheFull, match="pinned"):  # another task's pins still never go
         c.put(entry("X", nbytes=100))
     assert c.keys() == [("P", "v3")]
+
+
+def test_a_load_of_a_deleted_task_is_not_kept_unless_asked_for_again():
+    gate = threading.Event()
+
+    def loader(task, version, sha):
+        gate.wait(10)
+        return entry(task, sha, version=version)
+
+    r = Recorder(capacity=1000, loader=loader)
+    gone = r.cache.load_async("A", 1, "s1")
+    back = r.cache.load_async("B", 1, "s2")
+    r.cache.evict_task("A", reason="deleted", loading_too=True)
+    r.cache.evict_task("B", reason="deleted", loading_too=True)
+    again = r.cache.load_async("B", 1, "s2")  # B republished with the same bytes meanwhile
+    assert again is back
+    gate.set()
+    assert gone.result(10).task == "A"  # whoever waited gets the entry...
+    assert again.result(10).task == "B"
+    assert r.cache.keys() == [("B", "s2")]  # ...but a deleted task's is not kept resident
+    assert r.value("uda_task_resident", task="A") == 0.0
+    r.cache.close()
+
+
+def test_loads_that_never_run_because_the_cache_closed_fail_their_waiters():
+    gate, started = threading.Event(), threading.Event()
+
+    def loader(task, version, sha):
+        started.set()
+        gate.wait(10)
+        return entry(task, sha, version=version)
+
+    cache = ResidualCache(1000, loader, workers=1)
+    running = cache.load_async("A", 1, "s1")
+    assert started.wait(10)
+    queued = cache.load_async("B", 1, "s2")
+    cache.close(timeout=0.1)
+    with pytest.raises(ShuttingDown):
+        queued.result(10)
+    assert not cache.is_loading(("B", "s2"))
+    with pytest.raises(ShuttingDown):
+        cache.load_async("C", 1, "s3").result(10)  # after close: an answer, not a dead future
+    assert not cache.is_loading(("C", "s3"))
+    gate.set()
+    assert running.result(10).task == "A"
