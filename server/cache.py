@@ -219,12 +219,8 @@ class ResidualCache:
             self._loading[key] = future
         if self._metrics is not None:
             self._metrics.cache_miss()
-        try:
-            job = self._pool.submit(self._load, key, version, future)
-        except RuntimeError:  # closed
-            self._abandon(key, future)
-        else:
-            job.add_done_callback(lambda j: j.cancelled() and self._abandon(key, future))
+        job = self._pool.submit(self._load, key, version, future)
+        job.add_done_callback(lambda j: j.cancelled() and self._abandon(key, future))
         return future
 
     def _abandon(self, key: Key, future: Future) -> None:

@@ -320,11 +320,7 @@ class Catalog:
             # A served version exists but is not resident: check the new file before it replaces
             # it (no device upload), or a bad file would turn a cold good task into a 503. Off
             # this thread: a follower waiting on one file would hold every other change back.
-            try:
-                future = self._verifier.submit(self._verify, task, version, sha256)
-            except RuntimeError:  # stopped: nothing switches any more
-                future = Future()
-                future.cancel()
+            future = self._verifier.submit(self._verify, task, version, sha256)
         else:
             future = self.cache.load_async(task, version, sha256)
         future.add_done_callback(lambda f, c=candidate: self._staged(c, f, deletions, reset))

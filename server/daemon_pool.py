@@ -30,12 +30,14 @@ class DaemonPool:
             thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Future of `fn(*args)` run on one of the threads; RuntimeError once closed."""
+        """Future of `fn(*args)` run on one of the threads; once closed, a cancelled one (like
+        the calls still queued when it closed)."""
         future: Future = Future()
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"{self._name} is closed")
-            self._queue.put((future, fn, args))
+                future.cancel()
+            else:
+                self._queue.put((future, fn, args))
         return future
 
     def _work(self) -> None:
