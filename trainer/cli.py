@@ -37,7 +37,8 @@ from pathlib import Path
 
 from residual_store.cli import parse_command_line
 from residual_store.errors import BaseModelError, ResidualStoreError
-from trainer.config import DEVICES, METHODS, TrainConfig
+from trainer.config import ALPHAS, CROPS, DEVICES, METHODS, TrainConfig
+from trainer.presets import PRESET_NAMES, PRESETS
 from trainer.errors import CheckpointError, ConfigError, DataError, PublishError, TrainerError
 from trainer.export import export, publish, write_report
 from trainer.loop import Trainer
@@ -54,29 +55,56 @@ def build_parser() -> argparse.ArgumentParser:
                              "DOMAIN/images/<class>/<image>)")
     g.add_argument("--source", type=Path, help="labelled source domain folder")
     g.add_argument("--target", type=Path, help="unlabelled target domain folder (labels only evaluate)")
+    g.add_argument("--target-eval", type=Path, metavar="DIR",
+                   help="labelled held-out target split to evaluate instead of --target")
     g.add_argument("--data-root", type=Path, help="dataset root with one folder per domain")
     g.add_argument("--source-domain", help="source domain folder under --data-root (e.g. Art)")
     g.add_argument("--target-domain", help="target domain folder under --data-root (e.g. Clipart)")
     g.add_argument("--classes", dest="classes_file", type=Path, metavar="FILE",
                    help="display names, one per line, in sorted class-folder order")
     g.add_argument("--prompt", default=d.prompt, help="CLIP prompt template (default: %(default)r)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--preset", choices=PRESET_NAMES, help="the paper's recipe for a benchmark; "
+                   "explicit flags override it: " + "; ".join(f"{n}: {PRESETS[n].description}"
+                                                              for n in PRESET_NAMES))
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="open_clip model name or model-config JSON "
                    "(default: %(default)s; tiny test configs: uda-tiny-vit, uda-tiny-rn)")
     g.add_argument("--pretrained", default=d.pretrained, help="pretrained tag, local checkpoint "
                    "file, or 'random' for seeded random weights (default: %(default)s)")
+    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="build with QuickGELU, as OpenAI trained its CLIPs (default: when the "
+                   "weights are OpenAI's)")
     g = p.add_argument_group("method (METHOD.md)")
     g.add_argument("--method", choices=METHODS, default=d.method)
     g.add_argument("--rst", action="store_true", help="Residual Sparse Training")
     g.add_argument("--tau", type=float, help="RST threshold (default: ViT 1e-6, ResNet 1e-5)")
     g.add_argument("--fixmatch", action="store_true", help="add the FixMatch term (cmkd only)")
     g.add_argument("--fixmatch-threshold", type=float, default=d.fixmatch_threshold)
+    g.add_argument("--fixmatch-weight", type=float, default=d.fixmatch_weight,
+                   help="weight of each FixMatch term (default: %(default)s)")
+    g.add_argument("--alpha", choices=ALPHAS, default=d.alpha, help="CMKD trade-off: "
+                   "exp(-KL(p_g||p_h)) (the paper), exp(-entropy(p_h)), or fixed --alpha-value")
+    g.add_argument("--alpha-value", type=float, default=d.alpha_value,
+                   help="the trade-off of --alpha fixed (default: %(default)s)")
+    g.add_argument("--task-weight", type=float, default=d.task_weight,
+                   help="multiplies L_task; 0 switches it off (default: %(default)s)")
+    g.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="multiplies L_distill; 0 switches it off (default: %(default)s)")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     g.add_argument("--lambda1", type=float, default=d.lambda1)
     g.add_argument("--lambda2", type=float, default=d.lambda2)
     g.add_argument("--lambda3", type=float, default=d.lambda3)
     g.add_argument("--gamma", type=float, default=d.gamma, help="ramp steepness")
     g.add_argument("--ramp-max-steps", type=int, help="ramp T_max (default: epochs x iters-per-epoch)")
+    g = p.add_argument_group("augmentation of the training views")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip,
+                   help="random horizontal flips (--no-hflip for digits, text, anything a "
+                   "mirror turns into another class)")
+    g.add_argument("--crop", choices=CROPS, default=d.crop, help="random: resize to S*256/224 "
+                   "and crop S (default); random-resized: RandomResizedCrop to S; none: resize to S")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="area range of --crop random-resized (default: 0.08 1.0)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--iters-per-epoch", type=int, default=d.iters_per_epoch)
@@ -87,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=DEVICES, default=d.device)
     g.add_argument("--workers", type=int, default=d.workers,
-                   help="data loader processes (and threads decoding every image once up front)")
+                   help="data loader processes (and threads decoding every image once up front; "
+                   "default: %(default)s, at most the CPU count)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--workdir", type=Path, default=d.workdir, help="default: %(default)s")
     g.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
@@ -95,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this global step with a checkpoint; continue with --resume")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="evaluate the target every STEPS steps during training (curves in "
+                   "training.png, the best step in report.json)")
+    g.add_argument("--log-every", type=int, default=d.log_every, metavar="STEPS",
+                   help="steps between progress lines when stderr is not a terminal "
+                   "(also at least every 30 s; default: %(default)s)")
     g.add_argument("--publish", metavar="STORE_URL", help="store to publish to: a directory, "
                    "file:///path or redis://host:6379/0")
     g.add_argument("--task", help="task name (default: <source>2<target> folder names)")
@@ -103,18 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k != "verbose"}
-    if values["pretrained"] in ("", "none", "None"):
+def given_flags(argv: Sequence[str] | None) -> set[str]:
+    """The settings the command line names explicitly (they override a --preset)."""
+    parser = build_parser()
+    for action in parser._actions:  # a default that never appears marks what was not given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> TrainConfig:
+    """`given`: the flags named on the command line (None: all of them, as from a script)."""
+    values = {k: v for k, v in vars(args).items()
+              if k != "verbose" and (given is None or k in given)}
+    if values.get("pretrained") in ("", "none", "None"):
         values["pretrained"] = None
-    return TrainConfig(**values)
+    if values.get("crop_scale") is not None:
+        values["crop_scale"] = tuple(values["crop_scale"])
+    return TrainConfig.from_settings(values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_command_line(build_parser(), argv)
     if isinstance(args, int):
         return args
-    cfg = config_from_args(args)
+    logging.getLogger("trainer.progress").setLevel(logging.INFO)  # progress lines off a terminal
+    cfg = config_from_args(args, given_flags(argv))
     try:
         cfg.validate()
         return run(cfg)
@@ -142,11 +190,20 @@ def run(cfg: TrainConfig) -> int:
             return 0
         exported = export(trainer, result, wall_start)
         m = exported.report["metrics"]
-        print(f"task {exported.report['task']}: target accuracy {m['target_accuracy']:.4f} on "
-              f"{m['target_images']} images (measured on the exported residual), dsp {m['dsp']}, "
-              f"nnz {m['nnz']} ({m['fraction_changed']:.4%} of encoder weights), "
-              f"{m['skipped_files']} files skipped")
-        print(f"artifact {exported.artifact}; report {Path(cfg.workdir) / 'report.json'}")
+        mean_class = m["mean_class_accuracy"]
+        print(f"task {exported.report['task']}: target accuracy {m['target_accuracy']:.4f} "
+              f"(mean per-class {'n/a' if mean_class is None else f'{mean_class:.4f}'}) on "
+              f"{m['target_images']} images of {exported.report['evaluated_on']['what']} "
+              f"(measured on the exported residual), dsp {m['dsp']}, nnz {m['nnz']} "
+              f"({m['fraction_changed']:.4%} of encoder weights), {m['skipped_files']} files skipped")
+        best = exported.report["paper_protocol"]
+        if best is not None:
+            print(f"paper's protocol (best of {best['evaluations']} evaluations, chosen with the "
+                  f"target labels): {best['accuracy']:.4f} at step {best['best_step']}")
+        for warning in exported.report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"artifact {exported.artifact}; report {Path(cfg.workdir) / 'report.json'}; plots "
+              f"{Path(cfg.workdir) / 'training.png'}, {Path(cfg.workdir) / 'confusion.png'}")
         if cfg.publish:
             return _publish(trainer, exported)
         return 0
@@ -192,6 +249,7 @@ def dry_run(trainer: Trainer) -> int:
         "skipped_files": len(trainer.skipped), "steps": cfg.total_steps if cfg.method != "zeroshot" else 0,
         "resume_from_step": trainer.step, "lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
         "tau": cfg.tau if cfg.rst else None, "publish": cfg.publish,
+        "evaluated_on": trainer.eval_description, "settings": cfg.settings(),
     }
     print(json.dumps(plan, indent=2))
     print("dry run: configuration, data and model are valid; nothing was trained")

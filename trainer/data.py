@@ -20,16 +20,19 @@ built separately, reads the class folders.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
+import random
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -171,30 +174,47 @@ def display_names(classes: list[str], classes_file: Path | None) -> list[str]:
 
 # -- transforms --------------------------------------------------------------------------------
 
-def train_transform(size: int) -> transforms.Compose:
-    """METHOD.md's train recipe scaled to input size S: resize round(S*256/224), crop S, flip."""
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.Resize((round(size * 256 / 224),) * 2),
-        transforms.RandomCrop(size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+def train_transform(size: int, hflip: bool = True, crop: str = "random",
+                    crop_scale: tuple[float, float] = (0.08, 1.0)) -> transforms.Compose:
+    """A training view at input size S (METHOD.md, scaled to S):
+
+    - crop "random": resize to round(S*256/224) square, random crop S (the paper's recipe);
+    - crop "random-resized": RandomResizedCrop(S, scale=crop_scale) (the authors' digits);
+    - crop "none": resize to S square (the authors' VisDA);
+    then a random horizontal flip when `hflip`.
+    """
+    steps: list = [transforms.Lambda(_to_rgb)]
+    if crop == "random":
+        steps += [transforms.Resize((round(size * 256 / 224),) * 2), transforms.RandomCrop(size)]
+    elif crop == "random-resized":
+        steps.append(transforms.RandomResizedCrop((size, size), scale=tuple(crop_scale)))
+    elif crop == "none":
+        steps.append(transforms.Resize((size, size)))
+    else:
+        raise ValueError(f"unknown crop {crop!r}: expected random, random-resized or none")
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def strong_transform(size: int) -> transforms.Compose:
-    """FixMatch's strong view: the train recipe plus colour jitter 0.4 and RandAugment(2, 10)."""
-    return transforms.Compose([
-        transforms.Lambda(_to_rgb),
-        transforms.Resize((round(size * 256 / 224),) * 2),
-        transforms.RandomCrop(size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(0.4, 0.4, 0.4),
-        transforms.RandAugment(num_ops=2, magnitude=10),
-        transforms.ToTensor(),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+def strong_transform(size: int, hflip: bool = True, crop: str = "random") -> transforms.Compose:
+    """FixMatch's strong view as the authors build it: resize to round(S*256/224) and centre
+    crop S (crop "none": resize to S), flip, colour jitter 0.4, then timm's RandAugment
+    `rand-n2-m10-mstd0.5` (translations up to 0.45 S, fill with the CLIP mean). `hflip=False`
+    also keeps the strong view unflipped (the authors flip it even for digits)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    resize = size if crop == "none" else round(size * 256 / 224)
+    steps: list = [transforms.Lambda(_to_rgb), transforms.Resize((resize, resize)),
+                   transforms.CenterCrop(size)]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    fill = tuple(min(255, round(255 * m)) for m in CLIP_MEAN)
+    steps += [transforms.ColorJitter(0.4, 0.4, 0.4, 0.0),
+              rand_augment_transform("rand-n2-m10-mstd0.5",
+                                     {"translate_const": int(size * 0.45), "img_mean": fill}),
+              transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)]
+    return transforms.Compose(steps)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -207,6 +227,22 @@ def _load(source: Path | io.BytesIO) -> Image.Image:
 
 
 # -- datasets ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def seeded_augmentation(seed: int):
+    """Every random source a view draws from seeded by `seed`, and restored afterwards:
+    torchvision draws from torch, timm's RandAugment from `random` and numpy."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
 
 class TrainImages(Dataset):
     """Training views of a list of files. Indexed by (file index, augmentation seed), so the
@@ -228,8 +264,7 @@ class TrainImages(Dataset):
         index, seed = key
         index, image, unreadable = self._read(index)
         out = []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_augmentation(seed):
             for view in self.views:
                 out.append(view(image))
         if self.labels is not None:

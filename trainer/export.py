@@ -6,9 +6,12 @@
 2. The final evaluation loads THAT FILE onto a freshly built base (BaseSpec.build, FlatParams,
    apply_residual, residual.build_head) and measures target accuracy with the evaluation
    transform the server uses, so served predictions equal the measured ones.
-3. The metrics go into the residual's metadata (same tensors) and workdir/report.json; the
-   file is published to the store when asked. An unreachable store leaves the artifact saved
-   and says how to publish it later.
+3. The metrics go into the residual's metadata (same tensors) and workdir/report.json: the
+   honest number (the exported residual, last step), overall and mean per-class accuracy,
+   per-class accuracy and the confusion matrix; with --eval-every also the best step, labelled
+   as the paper's protocol (it picks the step by target labels). training.png and
+   confusion.png go beside it. The file is published to the store when asked. An unreachable
+   store leaves the artifact saved and says how to publish it later.
 """
 from __future__ import annotations
 
@@ -29,14 +32,19 @@ from residual_store.head import CosineHead
 from residual_store.numerics import fp32_precision
 from residual_store.residual import Residual, check_compatible, extract, from_bytes, make_residual, to_bytes
 from residual_store.swap import apply_residual
-from trainer import data
+from trainer import data, metrics
 from trainer.errors import PublishError
-from trainer.loop import Trainer, TrainResult
+from trainer.loop import LOG_FILE, Trainer, TrainResult
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT = "residual.safetensors"
 REPORT = "report.json"
+TRAINING_PLOT = "training.png"
+CONFUSION_PLOT = "confusion.png"
+PAPER_PROTOCOL = ("the best of the --eval-every evaluations, chosen with the target labels as "
+                  "the paper's code does (it saves the best epoch); the exported residual is the "
+                  "last step's, whose accuracy is metrics.target_accuracy")
 
 
 @dataclasses.dataclass
@@ -67,7 +75,7 @@ def build_residual(trainer: Trainer, metrics: dict[str, Any] | None = None) -> R
         deltas, head, task=trainer.cfg.task_name(), classes=trainer.class_names,
         base_model=trainer.spec.model, base_pretrained=trainer.spec.pretrained_label,
         base_fingerprint=trainer.base_fingerprint, metrics=metrics,
-        config=trainer.cfg.to_dict())
+        config=trainer.cfg.to_dict(), base_activation=trainer.spec.activation())
 
 
 def validated_bytes(residual: Residual, trainer: Trainer) -> bytes:
@@ -130,12 +138,18 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
     residual = build_residual(trainer)
     write_atomic(artifact, validated_bytes(residual, trainer))
     logger.info("residual written to %s: %d changed encoder weights", artifact, residual.nnz)
-    evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.target,
+    evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.eval_domain,
                                    trainer.input_size, trainer.device, cfg.eval_batch_size, cfg.workers,
                                    trainer.skipped)
+    summary = metrics.classification_summary(evaluation.logits, evaluation.labels, trainer.class_names)
     encoder_params = trainer.flat.layout.numel
-    metrics = {
+    rst_kept_nothing = cfg.rst and residual.nnz == 0
+    if rst_kept_nothing:
+        logger.warning("RST kept no change of the image encoder (tau %g): the residual is only a "
+                       "task head; raise --lr or lower --tau", cfg.tau)
+    scores = {
         "target_accuracy": evaluation.accuracy,
+        "mean_class_accuracy": summary["mean_class_accuracy"],
         "target_images": len(evaluation.labels),
         "source_images": len(trainer.source.files),
         "dsp": residual.dsp,
@@ -150,22 +164,74 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "method": cfg.method,
         "rst": cfg.rst,
     }
-    residual.metadata["metrics"] = json.dumps(metrics, sort_keys=True)
+    residual.metadata["metrics"] = json.dumps(scores, sort_keys=True)
     blob = validated_bytes(residual, trainer)
     write_atomic(artifact, blob)
+    records = read_log(workdir / LOG_FILE)
     report = {
         "task": cfg.task_name(),
         "artifact": str(artifact),
         "classes": trainer.class_names,
-        "metrics": metrics,
+        "metrics": scores,
+        "evaluated_on": {"what": trainer.eval_description, "images": len(evaluation.labels),
+                         "note": "the exported residual on a fresh base, serving transform"},
+        "per_class": summary["per_class"],
+        "confusion": summary["confusion"],
+        "paper_protocol": best_step(records),
+        "warnings": (["RST kept no change of the image encoder: the residual is only a task "
+                      "head; raise --lr or lower --tau"] if rst_kept_nothing else []),
         "last_losses": result.last_losses,
         "skipped": [dataclasses.asdict(s) for s in trainer.skipped],
         "base": {"model": trainer.spec.model, "pretrained": trainer.spec.pretrained_label,
                  "fingerprint": trainer.base_fingerprint},
         "config": cfg.to_dict(),
+        "settings": cfg.settings(),
     }
     write_report(workdir, report)
+    write_plots(workdir, records, summary["confusion"], trainer.class_names, cfg.task_name())
     return ExportResult(artifact, report, blob)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The lines of train_log.jsonl that parse (a zeroshot run has none)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def best_step(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The --eval-every evaluation with the highest accuracy (the paper's protocol), or None."""
+    evals = [r for r in records if isinstance(r.get("eval"), dict)
+             and r["eval"].get("accuracy") is not None]
+    if not evals:
+        return None
+    best = max(evals, key=lambda r: (r["eval"]["accuracy"], -r["step"]))
+    return {"best_step": best["step"], "accuracy": best["eval"]["accuracy"],
+            "mean_class_accuracy": best["eval"].get("mean_class_accuracy"),
+            "evaluations": len(evals), "note": PAPER_PROTOCOL}
+
+
+def write_plots(workdir: Path, records: list[dict[str, Any]], confusion: list[list[int]],
+                class_names: list[str], title: str) -> None:
+    """training.png and confusion.png; a plot that fails is a warning, never a failed run."""
+    from trainer import plots
+
+    if records:  # a zeroshot run trains nothing
+        _draw(plots.plot_training, records, workdir / TRAINING_PLOT, title=title)
+    if confusion:
+        _draw(plots.plot_confusion, confusion, class_names, workdir / CONFUSION_PLOT, title=title)
+
+
+def _draw(plot, *args, **kwargs) -> None:
+    try:
+        plot(*args, **kwargs)
+    except Exception as e:  # matplotlib raises many kinds; the run's results stand
+        logger.warning("could not draw %s: %s", args[-1], one_line(e))
 
 
 def write_report(workdir: Path, report: dict[str, Any]) -> None:

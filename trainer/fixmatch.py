@@ -23,7 +23,8 @@ def fixmatch_term(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
 
 def fixmatch_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
                   weak_clip_logits: torch.Tensor, strong_clip_logits: torch.Tensor,
-                  threshold: float = 0.95) -> torch.Tensor:
-    """0.5 * (task-head term + CLIP-head term), each with its own pseudo-labels."""
-    return WEIGHT * (fixmatch_term(weak_logits, strong_logits, threshold)
+                  threshold: float = 0.95, weight: float = WEIGHT) -> torch.Tensor:
+    """weight * (task-head term + CLIP-head term), each with its own pseudo-labels (the
+    authors' fixmatch_factor, 0.5, on each term)."""
+    return weight * (fixmatch_term(weak_logits, strong_logits, threshold)
                      + fixmatch_term(weak_clip_logits, strong_clip_logits, threshold))

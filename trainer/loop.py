@@ -1,9 +1,10 @@
 """The training recipe: `setup()` -> `train()` -> (export.py) -> `cleanup()`.
 
-Per step (METHOD.md): a source batch and a target batch go through the encoder together (one
-forward, so the task head's BatchNorm sees both domains); L_cls on the source with label
-smoothing; for cmkd the CMKD terms with the ramp lam(step / T_max); optionally FixMatch on a
-strong view of the target. SGD (momentum 0.9, Nesterov, weight decay 5e-4) with the encoder at
+Per step (METHOD.md): the source batch, the target batch (weak view) and with FixMatch its
+strong view each go through the network on their own, so the task head's BatchNorm normalises
+each domain with its own statistics (as the authors' code does; batches of one image go
+through together, BatchNorm needs two); L_cls on the source with label smoothing; for cmkd the
+CMKD terms with the ramp lam(step / T_max); optionally FixMatch on the strong view. SGD (momentum 0.9, Nesterov, weight decay 5e-4) with the encoder at
 lr and the head at lr * m, lr(x) = lr * (1 + 3e-4 x)^-0.75 per step; RST after every step.
 
 Under torchrun each process trains on its own sample stream (seeded by the rank) with
@@ -33,7 +34,8 @@ from residual_store.base import BaseSpec, backbone_family, embed_dim, fingerprin
 from residual_store.errors import one_line
 from residual_store.flat import FlatParams
 from residual_store.head import TaskHead
-from trainer import checkpoint, data, distributed
+from trainer import checkpoint, data, distributed, metrics
+from trainer.progress import ProgressLog
 from trainer.cmkd import cmkd_loss, ramp
 from trainer.config import TRAINING_FIELDS, TrainConfig
 from trainer.errors import CheckpointError, ConfigError, TrainerError
@@ -42,6 +44,7 @@ from trainer.interrupt import StepBoundaryInterrupt
 from trainer.network import (
     UdaNetwork,
     freeze_all_but_visual,
+    freeze_head_bn_bias,
     logit_scale,
     text_features,
 )
@@ -75,6 +78,7 @@ class Trainer:
         self.step = 0
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.rank, self.world = 0, 1
+        self.last_eval: dict[str, Any] | None = None  # the latest --eval-every result
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -111,13 +115,20 @@ class Trainer:
         # the scan's, and then any file that fails later in training or evaluation
         self.skipped = self.source.skipped + self.target.skipped
         self.target_train_files = data.target_training_order(self.target)
+        self.eval_domain, self.eval_description = self.target, f"--target {self.target.root}"
+        if cfg.target_eval is not None:
+            root, classes = data.class_folders(Path(cfg.target_eval), "--target-eval")
+            data.check_same_classes(self.source.classes, classes)
+            self.eval_domain = data.scan_domain(root, classes, "--target-eval", cfg.workers)
+            self.skipped += self.eval_domain.skipped
+            self.eval_description = f"--target-eval {root}"
         logger.info("source %s: %d images, target %s: %d images, %d classes, %d files skipped",
                     src_dir, len(self.source.files), tgt_dir, len(self.target.files),
                     len(self.class_names), len(self.skipped))
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        self.spec = BaseSpec(cfg.model, cfg.pretrained)
+        self.spec = BaseSpec(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu)
         model = self.spec.build(self.device)
         self.family = backbone_family(model)
         self.cfg = cfg = cfg.resolve_defaults(self.family)
@@ -134,6 +145,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             head = TaskHead(self.embed_dim, len(self.class_names)).to(self.device)
+        freeze_head_bn_bias(head)
         self.net = UdaNetwork(visual, head, self.text_features, self.logit_scale).to(self.device)
         self.flat.check()
         del model  # only the encoder, head and text features stay: free the text tower
@@ -151,7 +163,8 @@ class Trainer:
         cfg = self.cfg
         self.optimizer = torch.optim.SGD(
             [{"params": [p for p in self.net.visual.parameters() if p.requires_grad], "lr": cfg.lr},
-             {"params": list(self.net.head.parameters()), "lr": cfg.lr * cfg.head_lr_mult}],
+             {"params": [p for p in self.net.head.parameters() if p.requires_grad],
+              "lr": cfg.lr * cfg.head_lr_mult}],
             momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
 
@@ -264,13 +277,14 @@ class Trainer:
         cfg, size = self.cfg, self.input_size
         pin = self.device.type == "cuda"
         stream = self.rank
-        src = data.TrainImages(self.source.files, self.source.labels, [data.train_transform(size)])
+        weak = data.train_transform(size, cfg.hflip, cfg.crop, cfg.resolved_crop_scale)
+        src = data.TrainImages(self.source.files, self.source.labels, [weak])
         src_sampler = data.StepSampler(len(src), cfg.batch_size, cfg.seed, data.SOURCE, start, end, stream)
         loaders = [data.step_loader(src, src_sampler, cfg.workers, pin)]
         if cfg.method == "cmkd":
-            views = [data.train_transform(size)]
+            views = [weak]
             if cfg.fixmatch:
-                views.append(data.strong_transform(size))
+                views.append(data.strong_transform(size, cfg.hflip, cfg.crop))
             tgt = data.TrainImages(self.target_train_files, None, views)
             tgt_sampler = data.StepSampler(len(tgt), cfg.batch_size, cfg.seed, data.TARGET, start, end, stream)
             loaders.append(data.step_loader(tgt, tgt_sampler, cfg.workers, pin))
@@ -284,6 +298,7 @@ class Trainer:
         steps = zip(*(data.readable_batches(loader, self.skipped) for loader in loaders))
         bar = tqdm(steps, total=end - start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    initial=0, disable=None if self.is_main else True, leave=True)
+        progress = self.progress if self.is_main and bar.disable else None
         losses: dict[str, float] = {}
         for n, batches in enumerate(bar, start=1):
             losses = self.train_step(batches)
@@ -296,10 +311,17 @@ class Trainer:
                                    "lower --lr or --head-lr-mult")
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v / n:.4f}" for k, v in sums.items()}, refresh=False)
+            shown = {k: f"{v / n:.4f}" for k, v in sums.items() if k != "nnz"}
+            if "nnz" in losses:  # a count now, not a mean
+                shown["nnz"] = str(int(losses["nnz"]))
+            bar.set_postfix(shown, refresh=False)
             if log is not None:
                 log.write(json.dumps({"step": self.step, "epoch": epoch, **losses}) + "\n")
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate_during_training(log, bar)
                 log.flush()
+            if progress is not None:
+                progress.step(self.step, losses, self.last_eval)
             if interrupted:
                 self.save_checkpoint()
                 raise KeyboardInterrupt
@@ -308,11 +330,30 @@ class Trainer:
         bar.close()
         return losses
 
+    @functools.cached_property
+    def progress(self) -> ProgressLog:
+        return ProgressLog(self.cfg.total_steps, self.cfg.log_every, start_step=self.step)
+
+    def _evaluate_during_training(self, log, bar) -> None:
+        """--eval-every: the in-memory model on the evaluation set, one log line (rank 0 only:
+        the other ranks go on to the next step's all-reduce and wait for it there)."""
+        if not self.eval_domain.labels:
+            return
+        logits, labels = self.predict_labelled(self.target_eval_loader())
+        summary = metrics.classification_summary(logits, labels, self.class_names)
+        self.last_eval = {"accuracy": summary["accuracy"],
+                          "mean_class_accuracy": summary["mean_class_accuracy"]}
+        log.write(json.dumps({"step": self.step, "eval": self.last_eval}) + "\n")
+        if not bar.disable:
+            bar.write(f"step {self.step}: target accuracy {_percent(summary['accuracy'])}, "
+                      f"mean per-class {_percent(summary['mean_class_accuracy'])}")
+
     def train_step(self, batches) -> dict[str, float]:
         """One optimiser step (forward, losses, backward, SGD, scheduler, RST) on loaded batches:
         `batches[0]` = (source images, labels), and for cmkd `batches[1]` = the target views
         (weak, then strong with --fixmatch). Returns the step's losses (the caller checks they
-        are finite, together with the other ranks), lr and ramp value."""
+        are finite, together with the other ranks), lr, ramp value and, with RST, the number of
+        encoder weights that differ from the pre-trained ones after the step."""
         cfg = self.cfg
         self.ddp_net.train()  # predict() may have left it in eval mode
         lam = ramp(self.step, cfg.ramp_steps, cfg.gamma)
@@ -322,47 +363,58 @@ class Trainer:
         if cfg.method == "cmkd":
             parts += [t.to(self.device, non_blocking=True) for t in batches[1]]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            logits, clip = self.ddp_net(torch.cat(parts))
-        logits, clip = logits.float(), clip.float()
-        sizes = [p.shape[0] for p in parts]
-        logits_s, *logits_t = logits.split(sizes)
-        clip_s, *clip_t = clip.split(sizes)
+            if xs.shape[0] > 1:  # each domain alone: its own BatchNorm statistics in the head
+                outputs = self.ddp_net(parts)
+            else:  # BatchNorm cannot normalise one image: the domains go through together
+                logits, clip = self.ddp_net(torch.cat(parts))
+                outputs = list(zip(logits.split(xs.shape[0]), clip.split(xs.shape[0])))
+        logits_s, *logits_t = [pair[0].float() for pair in outputs]
+        clip_s, *clip_t = [pair[1].float() for pair in outputs]
         loss_cls = F.cross_entropy(logits_s, ys, label_smoothing=cfg.label_smoothing)
         total = loss_cls
         out = {"cls": loss_cls}
         if cfg.method == "cmkd":
-            terms = cmkd_loss(logits_t[0], clip_t[0], clip_s, ys, lam,
-                              cfg.lambda1, cfg.lambda2, cfg.lambda3)
+            terms = cmkd_loss(logits_t[0], clip_t[0], clip_s, ys, lam, cfg.lambda1, cfg.lambda2,
+                              cfg.lambda3, cfg.alpha, cfg.alpha_value, cfg.task_weight,
+                              cfg.distill_weight)
             out.update(task=terms["task"], distill=terms["distill"], reg=terms["reg"])
             total = total + terms["total"]
             if cfg.fixmatch:
                 out["fixmatch"] = fixmatch_loss(logits_t[0], logits_t[1], clip_t[0], clip_t[1],
-                                                cfg.fixmatch_threshold)
+                                                cfg.fixmatch_threshold, cfg.fixmatch_weight)
                 total = total + out["fixmatch"]
         out["total"] = total
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
+        extra: dict[str, float] = {}
         if self.sparsifier is not None:
-            self.sparsifier.step()
+            extra["nnz"] = self.sparsifier.step()
         self.step += 1
         values = {k: float(v.detach()) for k, v in out.items()}
-        return {**values, "lr": lrs[0], "head_lr": lrs[1], "ramp": lam}
+        return {**values, "lr": lrs[0], "head_lr": lrs[1], "ramp": lam, **extra}
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def predict(self, loader) -> torch.Tensor:
         """Task-head logits of the in-memory model (eval mode) for every readable image of
         `loader` (an eval_loader); files that fail are added to the run's skipped files."""
+        return self.predict_labelled(loader)[0]
+
+    @torch.no_grad()
+    def predict_labelled(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of predict(), the labels of exactly the images that were read."""
         self.net.eval()
-        out = [self.net(x.to(self.device))[0].float().cpu()
-               for x, _ in data.readable_batches(loader, self.skipped)]
-        return torch.cat(out)
+        logits, labels = [torch.empty(0, len(self.class_names))], [torch.empty(0, dtype=torch.long)]
+        for x, y in data.readable_batches(loader, self.skipped):
+            logits.append(self.net(x.to(self.device))[0].float().cpu())
+            labels.append(y)
+        return torch.cat(logits), torch.cat(labels)
 
     def target_eval_loader(self):
-        return data.eval_loader(self.target, self.input_size, self.cfg.eval_batch_size, self.cfg.workers)
+        """The evaluation set (--target-eval, else the target) with the serving transform."""
+        return data.eval_loader(self.eval_domain, self.input_size, self.cfg.eval_batch_size, self.cfg.workers)
 
     def cleanup(self) -> None:
         distributed.stop()
@@ -375,6 +427,10 @@ def _logged_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except (json.JSONDecodeError, AttributeError):
         return float("inf")
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
 def _finite(x: float) -> bool:

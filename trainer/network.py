@@ -17,7 +17,13 @@ logger = logging.getLogger(__name__)
 
 
 class UdaNetwork(nn.Module):
-    """x -> (task-head logits, CLIP-head logits)."""
+    """x -> (task-head logits, CLIP-head logits); a list of batches -> one such pair per batch.
+
+    A list is how training passes its domains (source, target weak view, target strong view):
+    each goes through the network on its own, so the task head's BatchNorm normalises each
+    domain with its own batch statistics, as the authors' code does. It is one call, so that
+    DistributedDataParallel sees one forward per backward.
+    """
 
     def __init__(self, visual: nn.Module, head: nn.Module, text_features: torch.Tensor,
                  logit_scale: float):
@@ -27,7 +33,12 @@ class UdaNetwork(nn.Module):
         self.register_buffer("text_features", text_features.detach().clone(), persistent=False)
         self.logit_scale = float(logit_scale)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]):
+        if isinstance(x, (list, tuple)):
+            return [self._forward_one(part) for part in x]
+        return self._forward_one(x)
+
+    def _forward_one(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.visual(x)
         clip = self.logit_scale * F.normalize(z, dim=-1) @ self.text_features.to(z.dtype).t()
         return self.head(z), clip
@@ -63,6 +74,14 @@ def text_features(model: nn.Module, tokenizer, names: list[str], template: str,
 def logit_scale(model: nn.Module) -> float:
     """s = exp(logit_scale) of the CLIP model, frozen."""
     return float(model.logit_scale.detach().exp())
+
+
+def freeze_head_bn_bias(head: nn.Module) -> None:
+    """The task head's BatchNorm bias stays at 0, as in the paper and the authors' code (their
+    weights_init_classifier); its scale and the rest of the head train."""
+    for m in head.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None:
+            m.bias.requires_grad_(False)
 
 
 def freeze_all_but_visual(model: nn.Module) -> None:

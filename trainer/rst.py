@@ -33,10 +33,12 @@ class ResidualSparsifier:
             raise ValueError("w0 must be a copy of the flat buffer, not the buffer itself")
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self) -> int:
+        """Reset the small deltas; returns how many encoder weights still differ from w0."""
         w = self.flat.buffer
         keep = torch.le(torch.sub(w, self.w0).abs_(), self.tau)
         torch.where(keep, self.w0, w, out=w)  # elementwise, so writing into w is safe
+        return int(keep.numel() - keep.sum())
 
     @torch.no_grad()
     def nnz(self) -> int:
