@@ -289,3 +289,21 @@ def test_uda_train_logs_progress_when_stderr_is_not_a_terminal(tmp_path, world):
     assert run.returncode == 0, run.stderr
     progress = [line for line in run.stderr.splitlines() if "steps/s, ETA" in line]
     assert [line.split("step ")[1].split("/")[0] for line in progress] == ["2", "4"]
+
+
+# -- OpenAI's activation -------------------------------------------------------------------------
+
+def test_quick_gelu_is_recorded_and_a_gelu_base_refuses_the_residual(train, tmp_path):
+    from residual_store import BaseSpec, FlatParams, check_compatible, fingerprint, from_bytes
+    from residual_store.errors import ResidualMismatch
+
+    assert train(tmp_path / "run", "--quick-gelu") == 0
+    residual = from_bytes((tmp_path / "run" / "residual.safetensors").read_bytes())
+    assert residual.metadata["base_activation"] == "quick_gelu"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["settings"]["quick_gelu"] == {"value": True, "from": "flag"}
+    quick = BaseSpec("uda-tiny-vit", "random", quick_gelu=True).build().visual
+    assert residual.metadata["base_fingerprint"] == fingerprint(quick)
+    gelu = BaseSpec("uda-tiny-vit", "random").build().visual  # same weights, other activation
+    with pytest.raises(ResidualMismatch, match="QuickGELU"):
+        check_compatible(residual, FlatParams(gelu).layout, fingerprint(gelu), 64, activation="gelu")
