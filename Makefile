@@ -39,7 +39,7 @@ test: venv redis prometheus
 # when the store is empty.
 run: venv
 	$(PY) -m trainer.demo --store $(STORE)
-	$(VENV)/bin/uda-serve --model uda-tiny-vit --store $(STORE) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uda-serve --model uda-tiny-vit --pretrained random --store $(STORE) --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

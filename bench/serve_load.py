@@ -74,10 +74,11 @@ def publish_tasks(store_dir: Path, model: str, n: int, density: float, variants:
 
 
 def start_server(args, store_dir: Path, port: int, tasks: list[str], streams: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--store", str(store_dir),
-           "--port", str(port), "--cache-bytes", args.cache_bytes, "--max-batch", str(args.max_batch),
-           "--max-queue", "100000", "--log-level", "warning", "--device", args.device,
-           "--streams", str(streams)]
+    # --pretrained random: the residuals above are made on BaseSpec(model)'s seeded random weights
+    cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--pretrained", "random",
+           "--store", str(store_dir), "--port", str(port), "--cache-bytes", args.cache_bytes,
+           "--max-batch", str(args.max_batch), "--max-queue", "100000", "--log-level", "warning",
+           "--device", args.device, "--streams", str(streams)]
     if not args.cold:
         # A server that has been up a while holds every task its cache fits; without this, a
         # 30 s window at a few images/s measures first-touch loads of hundreds of tasks instead.

@@ -113,8 +113,8 @@ def free_port() -> int:
 def start_server(store_url: str, port: int, cache_bytes: int, log_path: Path) -> subprocess.Popen:
     exe = shutil.which("uda-serve", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "server.cli"]
-    cmd += ["--model", MODEL, "--store", store_url, "--port", str(port), "--cache-bytes", str(cache_bytes),
-            "--max-batch", "16", "--reconcile-interval", "1", "--admin-token", TOKEN,
+    cmd += ["--model", MODEL, "--pretrained", "random", "--store", store_url, "--port", str(port),
+            "--cache-bytes", str(cache_bytes), "--max-batch", "16", "--reconcile-interval", "1", "--admin-token", TOKEN,
             "--log-level", "warning", "--max-image-bytes", "1MiB"]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes it until it exits
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -1,6 +1,14 @@
 """The contract between trainer and server: what a residual is, which base it belongs to,
 how it is applied and where it is stored."""
-from residual_store.base import BaseSpec, backbone_family, embed_dim, fingerprint, image_encoder, input_size
+from residual_store.base import (
+    BaseSpec,
+    backbone_family,
+    embed_dim,
+    fingerprint,
+    image_encoder,
+    input_size,
+    model_activation,
+)
 from residual_store.errors import (
     BaseModelError,
     IntegrityError,
@@ -18,6 +26,7 @@ from residual_store.residual import (
     FORMAT,
     FlatResidual,
     Residual,
+    base_mismatch_detail,
     check_compatible,
     extract,
     from_bytes,

@@ -4,7 +4,9 @@ File format `uda-residual/1`: one safetensors file. For each changed image-encod
 `visual.P.indices` (int32/int64, strictly increasing flat positions inside P) and
 `visual.P.values` (the deltas w - w0; float32 unless asked otherwise); the head as `head.*`.
 Metadata (str -> str): format, task, base_model, base_pretrained, base_fingerprint, classes
-(JSON list), dsp, metrics (JSON), config (JSON), head_type. Parsing never uses pickle.
+(JSON list), dsp, metrics (JSON), config (JSON), head_type, and base_activation ("quick_gelu" or
+"gelu", the base's transformer activation; optional, older files lack it). Parsing never uses
+pickle.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from residual_store.base import ACTIVATION_NAMES, ACTIVATIONS
 from residual_store.errors import ResidualFormatError, ResidualMismatch
 from residual_store.flat import ParamLayout
 from residual_store.head import HEAD_TYPES, build_head, head_parameter_count
@@ -56,6 +59,11 @@ class Residual:
     @property
     def base_fingerprint(self) -> str:
         return self.metadata["base_fingerprint"]
+
+    @property
+    def base_activation(self) -> str | None:
+        """"quick_gelu" or "gelu" as recorded by the trainer; None in files that predate it."""
+        return self.metadata.get("base_activation")
 
     @property
     def nnz(self) -> int:
@@ -120,9 +128,14 @@ def extract(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]
 
 def make_residual(deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], head: torch.nn.Module, *,
                   task: str, classes: list[str], base_model: str, base_pretrained: str,
-                  base_fingerprint: str, metrics: dict | None = None, config: dict | None = None
-                  ) -> Residual:
-    """Assemble a residual and its metadata (dsp is computed, never passed in)."""
+                  base_fingerprint: str, metrics: dict | None = None, config: dict | None = None,
+                  base_activation: str | None = None) -> Residual:
+    """Assemble a residual and its metadata (dsp is computed, never passed in).
+
+    `base_activation` ("quick_gelu" or "gelu", `BaseSpec.activation()`) is recorded so that a
+    server built with the other one can say why it refuses the residual."""
+    if base_activation is not None and base_activation not in ACTIVATIONS:
+        raise ValueError(f"base_activation {base_activation!r} is not one of {ACTIVATIONS}")
     state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     residual = Residual(deltas, state, {
         "format": FORMAT, "task": task, "base_model": base_model,
@@ -132,6 +145,8 @@ def make_residual(deltas: dict[str, tuple[torch.Tensor, torch.Tensor]], head: to
         "config": json.dumps(config or {}, sort_keys=True, default=str),
         "head_type": getattr(head, "head_type", "bn-ln-linear"),
     })
+    if base_activation is not None:
+        residual.metadata["base_activation"] = base_activation
     residual.metadata["dsp"] = str(residual.dsp)
     return residual
 
@@ -181,14 +196,13 @@ def inspect_blob(blob: bytes) -> dict[str, str]:
 
 
 def check_compatible(residual: Residual, layout: ParamLayout, fingerprint: str,
-                     embed_dim: int | None = None) -> None:
+                     embed_dim: int | None = None, activation: str | None = None) -> None:
     """Refuse a residual that does not belong to this base (ResidualMismatch) or does not fit
-    its parameters (ResidualFormatError)."""
+    its parameters (ResidualFormatError). `activation` is this base's ("quick_gelu"/"gelu"):
+    given, a refusal for a base trained with the other one says so."""
     if residual.base_fingerprint != fingerprint:
-        raise ResidualMismatch(
-            f"residual for task {residual.task!r} was trained on base {residual.base_fingerprint[:12]}"
-            f" ({residual.metadata['base_model']}/{residual.metadata['base_pretrained']}), "
-            f"this base is {fingerprint[:12]}: retrain or publish it for the served base")
+        raise ResidualMismatch(f"residual for task {residual.task!r} was "
+                               + base_mismatch_detail(residual.metadata, fingerprint, activation))
     for name, (idx, val) in residual.deltas.items():
         if name not in layout:
             raise ResidualFormatError(f"unknown parameter visual.{name}: not in the image encoder")
@@ -202,6 +216,24 @@ def check_compatible(residual: Residual, layout: ParamLayout, fingerprint: str,
     if embed_dim is not None and residual.head["fc.weight"].shape[1] != embed_dim:
         raise ResidualMismatch(f"head reads {residual.head['fc.weight'].shape[1]} features, "
                                f"the image encoder gives {embed_dim}")
+
+
+def base_mismatch_detail(metadata: Mapping[str, str], fingerprint: str,
+                         activation: str | None = None) -> str:
+    """Why a residual with this metadata does not fit the base of `fingerprint`, in one line
+    ("trained on base ..."); names both activations when they differ."""
+    theirs = metadata.get("base_activation")
+    label = f"{metadata.get('base_model')}/{metadata.get('base_pretrained')}"
+    if theirs in ACTIVATION_NAMES:
+        label += f", {ACTIVATION_NAMES[theirs]}"
+    detail = (f"trained on base {metadata.get('base_fingerprint', '')[:12] or '?'} ({label}), "
+              f"this base is {fingerprint[:12]}")
+    if theirs in ACTIVATION_NAMES and activation in ACTIVATION_NAMES and theirs != activation:
+        flag = "--quick-gelu" if theirs == "quick_gelu" else "--no-quick-gelu"
+        return (f"{detail}: it was trained on a base with {ACTIVATION_NAMES[theirs]}; this "
+                f"server's base uses {ACTIVATION_NAMES[activation]}: start uda-serve with {flag} "
+                "(or retrain the task on this base)")
+    return f"{detail}: retrain or publish it for the served base"
 
 
 def _read_header(blob: bytes) -> dict[str, str]:

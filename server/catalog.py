@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future
 
 from residual_store.errors import ResidualStoreError, UnknownTask
+from residual_store.residual import base_mismatch_detail
 from residual_store.stores import validate_task_name
 from server.daemon_pool import DaemonPool
 from server.errors import TaskUnavailable
@@ -71,7 +72,8 @@ class Catalog:
     """The served version of every published task; thread-safe."""
 
     def __init__(self, store, cache, fingerprint: str, metrics=None,
-                 reconcile_interval: float = 1.0, on_change=None, verify=None):
+                 reconcile_interval: float = 1.0, on_change=None, verify=None,
+                 activation: str | None = None):
         self.store = store
         # (task, version, sha256) -> None or a refusal: checks a new version of a task that is
         # not resident before it replaces the served one (ResidualLoader.verify).
@@ -79,6 +81,7 @@ class Catalog:
         self._verifier = DaemonPool(_VERIFY_WORKERS, "uda-verify") if verify is not None else None
         self.cache = cache
         self.fingerprint = fingerprint
+        self.activation = activation  # the served base's, named in a base_mismatch refusal
         self.metrics = metrics
         self.reconcile_interval = reconcile_interval
         self._on_change = on_change or (lambda: None)
@@ -303,10 +306,7 @@ class Catalog:
                 return
             if theirs != self.fingerprint:
                 self._refuse(candidate, "base_mismatch",
-                             f"trained on base {theirs[:12] or '?'} "
-                             f"({candidate.metadata.get('base_model')}/"
-                             f"{candidate.metadata.get('base_pretrained')}), served base is "
-                             f"{self.fingerprint[:12]}")
+                             base_mismatch_detail(candidate.metadata, self.fingerprint, self.activation))
                 return
             old = self._tasks.get(task)
             warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)

@@ -1,7 +1,10 @@
 """`uda-serve`: serve every task of a residual store on one resident CLIP backbone.
 
-    uda-serve --model uda-tiny-vit --store ./residuals
+    uda-serve --model uda-tiny-vit --pretrained random --store ./residuals
     uda-serve --model ViT-B-16 --pretrained openai --store redis://redis:6379/0 --pin Ar2Cl
+
+The base defaults to uda-train's: ViT-B-16 with the openai weights, built with QuickGELU as
+OpenAI trained it (--quick-gelu/--no-quick-gelu force the activation either way).
 
 SIGTERM (and Ctrl-C): stop accepting connections, answer what is queued within
 --grace-period seconds, exit 0. A second Ctrl-C quits at once: the queue is dropped, exit 130.
@@ -15,6 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from residual_store.base import ACTIVATION_NAMES
 from residual_store.errors import ResidualStoreError
 from server.config import ADMIN_TOKEN_ENV, LOG_LEVELS, ConfigError, ServeConfig, parse_size, parse_tasks
 
@@ -31,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="uda-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d.model, help="open_clip model name or model-config JSON of the base")
-    p.add_argument("--pretrained", default=None,
-                   help="pretrained tag (openai) or local checkpoint; omitted = seeded random init")
+    p.add_argument("--pretrained", default=d.pretrained,
+                   help="pretrained tag (openai), local checkpoint, or 'random' for seeded random init "
+                        "(the default is uda-train's)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=d.quick_gelu,
+                   help="force the QuickGELU activation on or off; default: auto, on for OpenAI's "
+                        "weights (the openai tag or an OpenAI checkpoint), as uda-train decides")
     p.add_argument("--store", default=d.store, help="residual store: a directory or redis://host:6379/0?prefix=uda:")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cache-bytes", default="256MiB", help="device memory for resident residuals (e.g. 64MiB, 1G)")
@@ -90,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             problems.append(f"--{flag.replace('_', '-')}: {e}")
             sizes[flag] = 1 << 20
     kwargs = dict(
-        model=args.model, pretrained=args.pretrained, store=args.store, device=args.device,
+        model=args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu,
+        store=args.store, device=args.device,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         request_timeout=args.request_timeout, preload=parse_tasks(args.preload),
         pin=parse_tasks(args.pin), host=host, port=port,
@@ -148,7 +157,8 @@ def _print_banner(runtime) -> None:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     names = ", ".join(sorted(tasks)[:10]) + (f", ... ({len(tasks)} in all)" if len(tasks) > 10 else "")
     lines = [
-        f"uda-serve: base {engine.spec.model}/{engine.spec.pretrained_label} on {engine.device}",
+        f"uda-serve: base {engine.spec.model}/{engine.spec.pretrained_label} with "
+        f"{ACTIVATION_NAMES.get(engine.activation, engine.activation)} on {engine.device}",
         f"  fingerprint {engine.fingerprint}",
         f"  {len(runtime.engines)} model stream(s) x {runtime.threads_per_stream} torch thread(s)",
         f"  store {runtime.store.url}: {len(tasks)} task(s){': ' + names if names else ''}",

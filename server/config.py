@@ -44,8 +44,12 @@ def parse_tasks(text: str | None) -> tuple[str, ...]:
 class ServeConfig:
     """Settings of one uda-serve process (one process per accelerator)."""
 
-    model: str = "uda-tiny-vit"  # open_clip model name or model-config JSON path of the base
-    pretrained: str | None = None  # pretrained tag, local checkpoint, or None = seeded random init
+    # The base defaults to uda-train's (ViT-B-16, openai), so a task trained with the defaults
+    # is served with the defaults.
+    model: str = "ViT-B-16"  # open_clip model name or model-config JSON path of the base
+    pretrained: str | None = "openai"  # pretrained tag, local checkpoint, or None/"random" (seeded)
+    # QuickGELU activation of the base: None = auto (on for OpenAI's weights), True/False forces it
+    quick_gelu: bool | None = None
     store: str = "./residuals"  # residual store URL: a directory (embedded default) or redis://...
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda:0 when available, else cpu
     cache_bytes: int = 256 << 20  # budget for resident residuals (flat index + values + head)
@@ -109,6 +113,12 @@ class ServeConfig:
                     problems.append(f"{flag}: {e}")
         if problems:
             raise ConfigError(problems)
+
+    def base_spec(self):
+        """The BaseSpec of the base this server builds (model, weights, activation)."""
+        from residual_store.base import BaseSpec
+
+        return BaseSpec(self.model, self.pretrained, self.quick_gelu)
 
     @property
     def max_wait_s(self) -> float:

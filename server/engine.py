@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from residual_store import BaseSpec, FlatParams, FlatResidual, PackedResidual, embed_dim, fingerprint, input_size
+from residual_store.base import model_activation
 from residual_store.numerics import set_fp32_precision
 from residual_store.swap import apply_residual, restore_residual
 
@@ -65,6 +66,7 @@ class SwapEngine:
         self.model: nn.Module | None = None
         self.flat: FlatParams | None = None
         self.fingerprint: str | None = None  # of the base as built; residuals must match it
+        self.activation: str | None = None  # "quick_gelu" or "gelu", of the base as built
         self.embed_dim: int | None = None
         self.input_size: int | None = None
         self._applied: _Applied | None = None
@@ -88,13 +90,15 @@ class SwapEngine:
         self.embed_dim = embed_dim(model)
         self.input_size = input_size(model)
         self.fingerprint = fingerprint(visual)
+        self.activation = model_activation(model)  # before the text tower goes: RN50's has it
         # Only the image encoder is served; dropping the text tower frees its memory.
         for name in ("transformer", "token_embedding", "ln_final", "text"):
             if hasattr(model, name):
                 setattr(model, name, None)
         self.model, self.flat = model, flat
-        logger.info("base %s/%s on %s, fingerprint %s, %d encoder weights", self.spec.model,
-                    self.spec.pretrained_label, self.device, self.fingerprint[:12], flat.layout.numel)
+        logger.info("base %s/%s with %s on %s, fingerprint %s, %d encoder weights", self.spec.model,
+                    self.spec.pretrained_label, self.activation, self.device, self.fingerprint[:12],
+                    flat.layout.numel)
 
     def replica(self) -> SwapEngine:
         """A set-up engine over a deep copy of this base: the same weights bit for bit (checked
@@ -106,6 +110,7 @@ class SwapEngine:
             model = copy.deepcopy(self.model)
         twin = SwapEngine(self.spec, self.requested_device)
         twin.device, twin.embed_dim, twin.input_size = self.device, self.embed_dim, self.input_size
+        twin.activation = self.activation
         twin.flat = FlatParams(model.visual)  # the copy's parameters, rebound to a fresh buffer
         twin.model = model
         twin.fingerprint = fingerprint(model.visual)

@@ -16,12 +16,15 @@ from PIL import Image
 from torch import nn
 
 from residual_store import Residual, TaskHead, embed_dim, fingerprint, make_residual
+from residual_store.base import model_activation
 
 
 def random_residual(model: nn.Module, task: str, classes: list[str], *, base_model: str,
                     base_pretrained: str = "random", density: float = 0.005, scale: float = 0.05,
-                    seed: int = 0, base_fingerprint: str | None = None) -> Residual:
-    """A residual changing about `density` of the encoder weights by N(0, scale^2) deltas."""
+                    seed: int = 0, base_fingerprint: str | None = None,
+                    base_activation: str | None = None) -> Residual:
+    """A residual changing about `density` of the encoder weights by N(0, scale^2) deltas;
+    fingerprint and activation are the model's unless given."""
     g = torch.Generator().manual_seed(seed)
     visual = model.visual
     deltas = {}
@@ -39,7 +42,8 @@ def random_residual(model: nn.Module, task: str, classes: list[str], *, base_mod
         head.bn.running_var.uniform_(0.5, 2.0, generator=g)
     return make_residual(deltas, head.eval(), task=task, classes=classes, base_model=base_model,
                          base_pretrained=base_pretrained,
-                         base_fingerprint=base_fingerprint or fingerprint(visual))
+                         base_fingerprint=base_fingerprint or fingerprint(visual),
+                         base_activation=base_activation or model_activation(model))
 
 
 def reference_scores(model: nn.Module, residual: Residual, images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def store_root(tmp_path_factory):
 
 def test_no_token_configured_disables_admin(store_root, monkeypatch):
     monkeypatch.delenv("UDA_ADMIN_TOKEN", raising=False)
-    cfg = ServeConfig(model=rs.MODEL, store=store_root, port=0, admin_token=None)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_root, port=0, admin_token=None)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         for method, path in ADMIN_ROUTES:
             for headers in ({}, rs.admin(), {"authorization": "Bearer x"}, {"authorization": "Basic YWRtaW46YWRtaW4="}):
@@ -46,7 +46,7 @@ def test_no_token_configured_disables_admin(store_root, monkeypatch):
 
 def test_wrong_token_is_refused(store_root, monkeypatch):
     monkeypatch.delenv("UDA_ADMIN_TOKEN", raising=False)
-    cfg = ServeConfig(model=rs.MODEL, store=store_root, port=0, admin_token=rs.ADMIN_TOKEN)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_root, port=0, admin_token=rs.ADMIN_TOKEN)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         for method, path in ADMIN_ROUTES:
             missing = http.request(method, path)
@@ -94,7 +94,7 @@ class Listener:
 def test_predict_never_fetches_a_url_a_client_sent(store_root):
     listener = Listener()
     url = f"http://127.0.0.1:{listener.port}/image.png"
-    cfg = ServeConfig(model=rs.MODEL, store=store_root, port=0)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_root, port=0)
     try:
         with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
             attempts = [

@@ -34,7 +34,7 @@ def store_root(tmp_path_factory):
 
 def test_overload_is_refused_fast_and_the_queue_stays_bounded(store_root):
     root, v1 = store_root
-    cfg = ServeConfig(model=rs.MODEL, store=root, port=0, max_queue=MAX_QUEUE, max_batch=1,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=root, port=0, max_queue=MAX_QUEUE, max_batch=1,
                       request_timeout=60)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.predict(http, "A").status_code == 200
@@ -83,7 +83,7 @@ def test_overload_is_refused_fast_and_the_queue_stays_bounded(store_root):
 
 def test_a_request_that_waits_too_long_gets_503(store_root):
     root, v1 = store_root
-    cfg = ServeConfig(model=rs.MODEL, store=root, port=0, request_timeout=1)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=root, port=0, request_timeout=1)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.predict(http, "A").status_code == 200
         with srv.runtime.engine._lock:
@@ -96,7 +96,7 @@ def test_a_request_that_waits_too_long_gets_503(store_root):
 
 def test_a_stalled_upload_times_out_and_frees_its_connection(store_root):
     root, v1 = store_root
-    cfg = ServeConfig(model=rs.MODEL, store=root, port=0, request_timeout=1.5, max_queue=1)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=root, port=0, request_timeout=1.5, max_queue=1)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         host, port = srv.url.removeprefix("http://").split(":")
         stalled = []

@@ -97,7 +97,7 @@ def world(tmp_path_factory):
     v1 = {t: rs.make_version(t, seed) for t, seed in ((WARM, 1), (BYSTANDER, 3))}
     for task, v in v1.items():
         store.publish(task, v.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=url, port=0, reconcile_interval=0.3,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=url, port=0, reconcile_interval=0.3,
                       admin_token=rs.ADMIN_TOKEN)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         golden = {}

@@ -38,7 +38,7 @@ def _raw_predict(url: str, task: str, body: bytes, declared: int | None = None,
 def served(tmp_path):
     v1 = rs.make_version("A", 1)
     open_store(str(tmp_path / "store")).publish("A", v1.blob)
-    srv = EmbeddedServer(ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0,
+    srv = EmbeddedServer(ServeConfig(model=rs.MODEL, pretrained="random", store=str(tmp_path / "store"), port=0,
                                      max_batch=1)).start()
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as http:

@@ -52,7 +52,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_work(tmp_path):
     port = rs.free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(rs.uda_serve_command() + [
-        "--model", MODEL, "--store", str(tmp_path / "store"), "--port", str(port),
+        "--model", MODEL, "--pretrained", "random", "--store", str(tmp_path / "store"), "--port", str(port),
         "--max-batch", str(IMAGES_PER_REQUEST), "--grace-period", str(GRACE_S), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -105,7 +105,8 @@ class HeldBatch:
     def __init__(self, tmp_path, grace_period: float):
         self.version = rs.make_version("A", 1)
         open_store(str(tmp_path / "store")).publish("A", self.version.blob)
-        self.srv = EmbeddedServer(ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0,
+        self.srv = EmbeddedServer(ServeConfig(model=rs.MODEL, pretrained="random",
+                                              store=str(tmp_path / "store"), port=0,
                                               max_batch=1, grace_period=grace_period))
         self._lock = self.srv.runtime.engine._lock
         self._held = False

@@ -27,7 +27,7 @@ TASKS = ("A", "B", "C")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     versions = rs.publish_versions(str(root), TASKS, first_seed=30)
-    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=str(root), port=0,
                       cache_bytes=rs.cache_budget(1.5, *versions.values()),  # one fits, never two
                       admin_token=rs.ADMIN_TOKEN, max_batch=4)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
@@ -106,7 +106,7 @@ def test_a_new_version_of_a_pinned_task_is_served_in_a_budget_sized_to_the_pin(t
     store = open_store(str(tmp_path / "store"))
     store.publish("P", v1.blob)
     budget = rs.cache_budget(1.5, v1, v2)
-    cfg = ServeConfig(model=rs.MODEL, store=str(tmp_path / "store"), port=0, pin=("P",),
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=str(tmp_path / "store"), port=0, pin=("P",),
                       cache_bytes=budget, reconcile_interval=0.2)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.matches(rs.predict(http, "P"), v1)

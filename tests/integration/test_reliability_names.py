@@ -75,7 +75,7 @@ def directory_server(tmp_path_factory):
     open_store(str(root)).publish("Good", rs.make_version("Good", 1).blob)
     open_store(str(outside)).publish("Evil", rs.make_version("Evil", 2).blob)
     os.symlink(outside / "tasks" / "Evil", root / "tasks" / "Evil")  # planted by someone
-    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0, admin_token=rs.ADMIN_TOKEN,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=str(root), port=0, admin_token=rs.ADMIN_TOKEN,
                       reconcile_interval=0.2)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.predict(http, "Good").status_code == 200
@@ -121,7 +121,7 @@ def test_hostile_names_on_redis_touch_no_key_outside_the_prefix(tmp_path):
     url = f"{redis_srv.url}?prefix={prefix}"
     try:
         open_store(url).publish("Good", rs.make_version("Good", 1).blob)
-        cfg = ServeConfig(model=rs.MODEL, store=url, port=0, admin_token=rs.ADMIN_TOKEN,
+        cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=url, port=0, admin_token=rs.ADMIN_TOKEN,
                           reconcile_interval=0.2)
         with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
             assert rs.predict(http, "Good").status_code == 200

@@ -27,7 +27,7 @@ def test_publish_and_rollback_under_load(store_url):
     store = open_store(store_url)
     store.publish("A", v1.blob)
     by_version = {1: v1}
-    cfg = ServeConfig(model=rs.MODEL, store=store_url, port=0, reconcile_interval=0.3, max_batch=4)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_url, port=0, reconcile_interval=0.3, max_batch=4)
     with EmbeddedServer(cfg) as srv:
         stop = threading.Event()
         answers: list[list[tuple[float, float, int, httpx.Response]]] = [[] for _ in range(CLIENTS)]

@@ -34,7 +34,7 @@ def test_racing_publishers_never_show_a_missing_blob_or_a_lower_version(store_ur
     store = open_store(store_url)
     info = store.publish("A", pool[0].blob)
     published[info.version] = pool[0]
-    cfg = ServeConfig(model=rs.MODEL, store=store_url, port=0, reconcile_interval=0.2)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_url, port=0, reconcile_interval=0.2)
     problems, seen_store, seen_server = [], [], []
     stop = threading.Event()
 
@@ -103,7 +103,7 @@ def test_a_publisher_killed_between_blob_and_index(store_url, tmp_path):
     store = open_store(store_url)
     store.publish("A", v1.blob)
     (tmp_path / "orphan.safetensors").write_bytes(orphan.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=store_url, port=0, reconcile_interval=0.2)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=store_url, port=0, reconcile_interval=0.2)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.predict(http, "A").json()["version"] == 1
         done = subprocess.run([sys.executable, "-c", KILLED_PUBLISHER, store_url,
@@ -138,7 +138,7 @@ def test_the_server_runs_as_the_read_only_redis_user(tmp_path):
     v1, v2 = rs.make_version("A", 1), rs.make_version("A", 2)
     try:
         train.publish("A", v1.blob)
-        cfg = ServeConfig(model=rs.MODEL, store=serve_url, port=0, reconcile_interval=0.3)
+        cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=serve_url, port=0, reconcile_interval=0.3)
         with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
             assert http.get("/readyz").status_code == 200
             assert rs.matches(rs.predict(http, "A"), v1)

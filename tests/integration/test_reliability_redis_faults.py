@@ -30,7 +30,7 @@ def redis_srv(tmp_path):
 
 def _server(redis_srv, **kw):
     url = f"{redis_srv.url}?prefix={PREFIX}"
-    cfg = ServeConfig(model=rs.MODEL, store=url, port=0, reconcile_interval=RECONCILE_S, **kw)
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=url, port=0, reconcile_interval=RECONCILE_S, **kw)
     return url, EmbeddedServer(cfg)
 
 

@@ -86,7 +86,7 @@ def test_restore_invariant_state_machine(tmp_path):
     url = f"{redis_srv.url}?prefix=uda-sm:"
     store = open_store(url)
     pool = {(t, s): rs.make_version(t, 300 + 10 * i + s) for i, t in enumerate(TASKS) for s in SEEDS}
-    cfg = ServeConfig(model=rs.MODEL, store=url, port=0, admin_token=rs.ADMIN_TOKEN,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=url, port=0, admin_token=rs.ADMIN_TOKEN,
                       reconcile_interval=0.1,
                       cache_bytes=rs.cache_budget(1.5, *pool.values()))  # one resident residual
     try:

@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     v1 = rs.make_version("A", 1)
     open_store(str(root)).publish("A", v1.blob)
-    cfg = ServeConfig(model=rs.MODEL, store=str(root), port=0, max_batch=MAX_BATCH,
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=str(root), port=0, max_batch=MAX_BATCH,
                       max_image_bytes=MAX_IMAGE_BYTES, max_image_pixels=1_000_000, request_timeout=20)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         assert rs.predict(http, "A").status_code == 200

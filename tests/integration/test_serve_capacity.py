@@ -66,7 +66,8 @@ def entry_bytes(srv) -> int:
 
 def test_eviction_and_reload_under_a_tiny_cache(published):
     root, expected, largest = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=int(1.5 * largest))  # one fits
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random",
+                      store=root, port=0, cache_bytes=int(1.5 * largest))  # one fits
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         for task in TASKS * 3:
             check(predict(client, task), expected[task])
@@ -81,7 +82,8 @@ def test_eviction_and_reload_under_a_tiny_cache(published):
 
 def test_pinned_task_stays_resident(published):
     root, expected, largest = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, cache_bytes=int(2.5 * largest), pin=("A",),
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random",
+                      store=root, port=0, cache_bytes=int(2.5 * largest), pin=("A",),
                       admin_token="pin-test-token")
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         tasks = {t["task"]: t for t in client.get("/tasks").json()["tasks"]}
@@ -115,7 +117,7 @@ def _wait_until(check, timeout=30.0):
 
 def test_full_queue_answers_429_with_retry_after(published):
     root, expected, _ = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, max_queue=3, max_batch=1)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=root, port=0, max_queue=3, max_batch=1)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         check(predict(client, "A"), expected["A"])
         engine = srv.runtime.engine
@@ -140,7 +142,7 @@ def test_full_queue_answers_429_with_retry_after(published):
 
 def test_request_timeout_answers_503(published):
     root, _, _ = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, request_timeout=0.5)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=root, port=0, request_timeout=0.5)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         assert predict(client, "B").status_code == 200
         srv.runtime.engine._lock.acquire()
@@ -155,7 +157,7 @@ def test_request_timeout_answers_503(published):
 
 def test_cold_task_is_served_while_a_hot_task_floods(published):
     root, expected, _ = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, max_wait_ms=20, max_batch=4)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=root, port=0, max_wait_ms=20, max_batch=4)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         check(predict(client, "D"), expected["D"])  # both resident before the flood
         check(predict(client, "C"), expected["C"])

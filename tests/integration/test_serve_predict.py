@@ -41,7 +41,7 @@ def server(tmp_path_factory, residuals):
     store = open_store(str(root))
     for task, r in residuals.items():
         store.publish(task, to_bytes(r))
-    cfg = ServeConfig(model="uda-tiny-vit", store=str(root), port=0, admin_token=TOKEN,
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(root), port=0, admin_token=TOKEN,
                       max_batch=8, max_image_bytes=100_000, max_image_pixels=500_000)
     with EmbeddedServer(cfg) as srv:
         yield srv

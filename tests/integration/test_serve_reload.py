@@ -63,7 +63,7 @@ def wait_for(check, timeout: float = 15.0):
 def test_publish_rollback_refusal_and_delete_reach_the_server(store_url, versions, base):
     store = open_store(store_url)
     store.publish("T", versions[0][0])
-    cfg = ServeConfig(model="uda-tiny-vit", store=store_url, port=0, reconcile_interval=0.5)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=store_url, port=0, reconcile_interval=0.5)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         first = predict(client)
         assert first.json()["version"] == 1
@@ -111,7 +111,8 @@ def test_new_task_of_another_base_is_refused_not_served(tmp_path, base):
                             base_fingerprint="f" * 64)
     store.publish("Good", to_bytes(good))
     store.publish("Alien", to_bytes(alien))
-    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", store=str(tmp_path / "s"), port=0)) as srv, \
+    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", pretrained="random",
+                                    store=str(tmp_path / "s"), port=0)) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as client:
         resp = predict(client, "Alien")
         assert resp.status_code == 503 and "refused" in resp.json()["detail"]
@@ -125,7 +126,7 @@ def test_cached_tasks_keep_serving_while_the_store_is_gone(tmp_path, versions):
     root = tmp_path / "store"
     store = open_store(str(root))
     store.publish("T", versions[0][0])
-    cfg = ServeConfig(model="uda-tiny-vit", store=str(root), port=0, reconcile_interval=0.2)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(root), port=0, reconcile_interval=0.2)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         assert predict(client).status_code == 200  # now resident
         root.rename(tmp_path / "moved")  # the volume vanishes
@@ -139,7 +140,7 @@ def test_cached_tasks_keep_serving_while_the_store_is_gone(tmp_path, versions):
 
 def test_unreachable_redis_makes_readyz_say_why():
     url = f"redis://127.0.0.1:{free_port()}/0?prefix=uda-test-none:"
-    cfg = ServeConfig(model="uda-tiny-vit", store=url, port=0)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=url, port=0)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         resp = client.get("/readyz")
         assert resp.status_code == 503
@@ -154,7 +155,7 @@ def test_a_batch_in_flight_finishes_on_the_old_version(tmp_path, versions):
     root = str(tmp_path / "store")
     store = open_store(root)
     store.publish("T", versions[0][0])
-    cfg = ServeConfig(model="uda-tiny-vit", store=root, port=0, reconcile_interval=0.2)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=root, port=0, reconcile_interval=0.2)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         assert predict(client).json()["version"] == 1
         registry = srv.runtime.metrics.registry

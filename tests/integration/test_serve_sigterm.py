@@ -34,8 +34,8 @@ def _start_ready(tmp_path, *flags: str) -> tuple[subprocess.Popen, int]:
     store.publish("Drain", to_bytes(random_residual(base, "Drain", ["a", "b"], base_model="uda-tiny-rn")))
     port = free_port()
     proc = subprocess.Popen(
-        _command() + ["--model", "uda-tiny-rn", "--store", str(tmp_path / "store"), "--port", str(port),
-                      "--log-level", "warning", *flags],
+        _command() + ["--model", "uda-tiny-rn", "--pretrained", "random", "--store", str(tmp_path / "store"),
+                      "--port", str(port), "--log-level", "warning", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while True:

@@ -40,7 +40,7 @@ def threads_of_a_new_thread() -> int:
 
 
 def config(root: str, **kw) -> ServeConfig:
-    return ServeConfig(model=rs.MODEL, store=root, port=0, streams=2, max_batch=4,
+    return ServeConfig(model=rs.MODEL, pretrained="random", store=root, port=0, streams=2, max_batch=4,
                        admin_token=rs.ADMIN_TOKEN, **kw)
 
 

@@ -49,7 +49,7 @@ def published(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(published):
     store, _, _ = published
-    cfg = ServeConfig(model="uda-tiny-vit", store=store, port=0, max_batch=8)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=store, port=0, max_batch=8)
     with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         yield c
 

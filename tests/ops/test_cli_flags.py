@@ -85,3 +85,10 @@ def test_publish_job_uses_uda_store_import():
     assert argv[0] == "uda-store"
     args = store_cli.build_parser().parse_args(argv[1:])
     assert args.command == "import" and args.task == "Ar2Cl"
+
+
+def test_serve_and_train_default_to_the_same_base():
+    """A task trained with uda-train's defaults is served by uda-serve's defaults."""
+    serve = serve_cli.config_from_args(serve_cli.build_parser().parse_args([]))
+    train = train_cli.build_parser().parse_args([])
+    assert (serve.model, serve.pretrained) == (train.model, train.pretrained)

@@ -85,8 +85,8 @@ def server(store_dir, tmp_path_factory):
     """Base URL of a live `uda-serve` on the tiny backbone."""
     uda_serve = Path(sys.executable).parent / "uda-serve"
     url = f"http://127.0.0.1:{free_port()}"
-    argv = [str(uda_serve), "--model", MODEL, "--store", str(store_dir), "--device", "cpu",
-            "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--log-level", "warning"]
+    argv = [str(uda_serve), "--model", MODEL, "--pretrained", "random", "--store", str(store_dir),
+            "--device", "cpu", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--log-level", "warning"]
     with live_process("uda-serve", argv, tmp_path_factory.mktemp("serve") / "uda-serve.log",
                       f"{url}/readyz"):
         yield url

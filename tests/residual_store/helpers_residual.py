@@ -99,13 +99,13 @@ def make_head(kind: str, dim: int, num_classes: int, seed: int = 0) -> torch.nn.
 
 def residual_for(tiny: TinyBase, tuned: dict[str, torch.Tensor], *, task: str = "Ar2Cl",
                  classes: tuple[str, ...] = ("cat", "dog", "cow"), head_kind: str = "bn-ln-linear",
-                 fingerprint_: str | None = None) -> Residual:
+                 fingerprint_: str | None = None, base_activation: str | None = None) -> Residual:
     """The residual of `tuned` against `tiny`'s base, with a fresh head."""
     return make_residual(
         extract(tiny.base_state, tuned), make_head(head_kind, tiny.dim, len(classes)),
         task=task, classes=list(classes), base_model=tiny.name, base_pretrained="random",
         base_fingerprint=fingerprint_ or tiny.fingerprint, metrics={"accuracy": 0.5},
-        config={"tau": 1e-6})
+        config={"tau": 1e-6}, base_activation=base_activation)
 
 
 # --- crafting (bad) files directly with safetensors ---------------------------------------------

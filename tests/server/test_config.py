@@ -71,3 +71,17 @@ def test_a_bad_port_in_the_environment_is_reported_with_the_flags(monkeypatch):
         config_from_args(build_parser().parse_args(["--max-batch", "0"]))
     assert len(info.value.problems) == 2
     assert any("$UDA_PORT 'eighty'" in p for p in info.value.problems)
+
+
+def test_base_defaults_to_openai_weights_with_auto_activation():
+    cfg = config_from_args(build_parser().parse_args(["--store", "./r"]))
+    assert (cfg.model, cfg.pretrained, cfg.quick_gelu) == ("ViT-B-16", "openai", None)
+    assert cfg.base_spec().activation() == "quick_gelu"  # resolved without a download
+
+
+@pytest.mark.parametrize("flags,forced", [([], None), (["--quick-gelu"], True), (["--no-quick-gelu"], False)])
+def test_quick_gelu_flag_reaches_the_base_spec(flags, forced):
+    args = build_parser().parse_args(["--model", "uda-tiny-vit", "--pretrained", "random", *flags])
+    spec = config_from_args(args).base_spec()
+    assert (spec.model, spec.pretrained, spec.quick_gelu) == ("uda-tiny-vit", "random", forced)
+    assert spec.activation() == ("quick_gelu" if forced else "gelu")
