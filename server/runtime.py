@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from residual_store import BaseSpec
 from residual_store.errors import StoreUnavailable, one_line
 from residual_store.stores import open_store
 from server.batcher import Batcher, PendingRequest
@@ -44,7 +43,7 @@ class ServeRuntime:
         self.config = config
         self.metrics = Metrics()
         self.store = open_store(config.store)
-        self.engine = SwapEngine(BaseSpec(config.model, config.pretrained), config.device)
+        self.engine = SwapEngine(config.base_spec(), config.device)
         self.engines: list[SwapEngine] = [self.engine]  # + replicas with --streams
         self.threads_per_stream = torch.get_num_threads()
         self._threads_before: int | None = None  # torch's setting, put back by stop()
@@ -79,7 +78,7 @@ class ServeRuntime:
             self.cache.pin(task)
         self.catalog = Catalog(self.store, self.cache, self.engine.fingerprint, self.metrics,
                                cfg.reconcile_interval, on_change=self.batcher.notify,
-                               verify=loader.verify)
+                               verify=loader.verify, activation=self.engine.activation)
         self.decoder = ImageDecoder(self.engine.input_size, cfg.max_image_bytes,
                                     cfg.max_image_pixels, cfg.decode_workers)
         self.workers = [ModelWorker(engine, self.cache, self.catalog, self.batcher, self.metrics,

@@ -89,3 +89,24 @@ def test_served_scores_equal_the_trainers_evaluation(published, client, task):
             assert item["label"] == classes[item["index"]]
             served[item["index"]] = item["score"]
         torch.testing.assert_close(served, row, rtol=0, atol=1e-5)
+
+
+def test_a_quick_gelu_task_is_served_by_a_quick_gelu_base_only(tmp_path):
+    """OpenAI's weights run with QuickGELU (issue 17): a task trained with it is served by a
+    server built with it, and refused, saying why, by one built with GELU."""
+    world = make_shapes_world(tmp_path / "data", per_class=2, size=40)
+    store = str(tmp_path / "store")
+    assert train_cli.main(["--source", str(world["photo"]), "--target", str(world["sketch"]),
+                           *TRAIN_FLAGS, "--quick-gelu", "--workdir", str(tmp_path / "run"),
+                           "--publish", store, "--task", "qg"]) == 0
+    image = [("file", ("a.png", next(world["sketch"].rglob("*.png")).read_bytes(), "image/png"))]
+    for quick_gelu, served in ((True, True), (None, False)):
+        cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", quick_gelu=quick_gelu,
+                          store=store, port=0)
+        with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            resp = c.post("/predict", params={"task": "qg"}, files=image)
+            if served:
+                assert resp.status_code == 200, resp.text
+            else:
+                assert resp.status_code >= 400
+                assert "QuickGELU" in resp.text or "QuickGELU" in c.get("/tasks").text, resp.text
