@@ -349,7 +349,11 @@ class DirectoryStore(ResidualStore):
                 yield StoreEvent(kind=self._kind_of(task, version), task=task,
                                  version=version, sha256=sha)
         for task in sorted(set(old) - set(new)):
-            yield StoreEvent(kind="delete", task=task, version=None, sha256=None)
+            # A delete leaves its tombstone folder (delete()). A folder that is gone altogether
+            # went with its volume or a move of tasks/ (a blip, an unmount, a wipe): no event,
+            # so the server's reconcile decides, behind its store-reset guard.
+            if os.path.isdir(f"{self.root}/tasks/{task}"):
+                yield StoreEvent(kind="delete", task=task, version=None, sha256=None)
 
     def _kind_of(self, task: str, version: int) -> str:
         try:
