@@ -152,9 +152,17 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from residual_store.stores.contract import check_replacement
+
+    from residual_store.stores import validate_task_name
+
     blob = Path(args.file).read_bytes()
-    task = args.task or _inspect(blob)["task"]  # default: the name the trainer gave it
+    if args.task is not None:
+        validate_task_name(args.task)  # the name first: it is the cheaper mistake to report
+    metadata = _inspect(blob)
+    task = args.task or metadata["task"]  # default: the name the trainer gave it
     with _store(args.store) as store:
+        check_replacement(store, task, metadata, args.allow_class_change)
         info = store.publish(task, blob)
         print(f"{task} v{info.version} {store.url}")
     return 0
@@ -217,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("import", cmd_import, "publish a residual .safetensors file")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--task", default=None, help="task name (default: the file's metadata task)")
+    p.add_argument("--allow-class-change", action="store_true", help="replace a task whose "
+                   "class list or base (model, weights) differs from the file's")
     p = add("export", cmd_export, "write a version's residual file")
     p.add_argument("task")
     p.add_argument("file", metavar="FILE")

@@ -125,6 +125,11 @@ class ResidualStore(abc.ABC):
     def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
 
+    def check_writable(self) -> None:
+        """Raise StoreUnavailable (or ResidualStoreError) when a publish could not write here;
+        publishers call it before hours of training. Default: reachable is enough."""
+        self.ping()
+
     def close(self) -> None:
         """Release connections."""
 

@@ -366,3 +366,16 @@ class DirectoryStore(ResidualStore):
         if not self.root.is_dir():
             raise StoreUnavailable(f"store directory {self.root} does not exist or is not a "
                                    "directory: check the --store path and the volume mount")
+
+    def check_writable(self) -> None:
+        """The store directory, or the nearest folder above it that exists (a publish creates
+        the rest), accepts new files."""
+        existing = self.root
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreUnavailable(f"store path {self.root} is inside {existing}, which is a file: "
+                                   "pick a directory for the store")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreUnavailable(f"store directory {existing} is not writable by this user: "
+                                   "fix its permissions or pick another store directory")

@@ -18,6 +18,7 @@ SMEMBERS) and SUBSCRIBE, so servers can run under a read-only ACL user (+@read +
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -96,12 +97,38 @@ return 1
 """
 
 
+# Query parameters a store URL may carry: ours (prefix) and those redis-py's from_url turns into
+# connection settings. redis-py passes any other one on as a keyword argument, which fails as a
+# TypeError at the first command: a typo like `?prefx=` must be an error here instead.
+_QUERY_KEYS = frozenset({"prefix", "client_name", *redis.connection.URL_QUERY_ARGUMENT_PARSERS})
+_TLS_QUERY_KEYS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data",
+                             "ssl_certfile", "ssl_keyfile", "ssl_password"})
+
+
+def _check_query(scheme: str, keys: list[str], shown: str) -> None:
+    """ValueError naming each query parameter of the URL that is not a known one."""
+    known = _QUERY_KEYS | (_TLS_QUERY_KEYS if scheme == "rediss" else frozenset())
+    unknown = [k for k in keys if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known | _TLS_QUERY_KEYS), n=1)
+        tls_only = key in _TLS_QUERY_KEYS
+        hints.append(f"{key!r}" + (" (TLS settings need rediss://)" if tls_only else
+                                   f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"unknown query parameter {', '.join(hints)} in store URL {shown}: "
+                     f"use e.g. redis://redis:6379/0?prefix=uda: (known: prefix, db, "
+                     "socket_timeout, client_name, ...)")
+
+
 def _split_url(url: str, prefix: str | None) -> tuple[str, str, str, str]:
     """(URL for redis-py without our `prefix` query, prefix, host:port, URL safe to print)."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(f"not a Redis URL: {url!r}; use e.g. redis://redis:6379/0?prefix=uda:")
     query = parse_qsl(parts.query, keep_blank_values=True)
+    _check_query(parts.scheme, [k for k, _ in query], redact_url(url))
     url_prefix = next((v for k, v in query if k == "prefix"), None)
     if prefix is not None and url_prefix is not None and prefix != url_prefix:
         raise ValueError(f"two prefixes given: {prefix!r} (argument) and {url_prefix!r} (URL)")
@@ -386,6 +413,14 @@ class RedisStore(ResidualStore):
     def ping(self) -> None:
         with self._errors():
             self._r.ping()
+
+    def check_writable(self) -> None:
+        """A probe key under the prefix, set with a 10 s expiry and deleted: the user may write
+        (Redis offers no cheaper check that works without the right to run ACL)."""
+        key = self._key("writecheck", os.urandom(8).hex())
+        with self._errors():
+            self._r.set(key, b"1", px=10_000)
+            self._r.delete(key)
 
     def close(self) -> None:
         self._r.close()
