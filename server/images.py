@@ -1,10 +1,11 @@
 """Decoding and preprocessing uploads, in a thread pool off the model thread.
 
-Only JPEG, PNG and WebP are decoded (Pillow is told so, no other decoder runs); of an animated
-file the first frame is used. Limits: bytes per upload and width x height, checked from the
-header before any pixel is decoded, so a decompression bomb costs nothing. The pixels go
-through `residual_store.preprocess.eval_transform`, the trainer's evaluation transform, after
-the same RGB conversion the trainer applies, so served scores equal the trainer's.
+Only JPEG, PNG and WebP are decoded (`residual_store.images.FORMATS`, which is also all the
+trainer trains on; Pillow is told so, no other decoder runs). Limits: bytes per upload and width x height, checked from the header before any
+pixel is decoded, so a decompression bomb costs nothing. The pixels go through
+`residual_store.images.to_rgb8` (first frame, EXIF orientation, 16-bit scaled to 8-bit, RGB)
+and `residual_store.preprocess.eval_transform`, exactly as the trainer reads its images, so
+served scores equal the trainer's.
 """
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from residual_store.images import FORMAT_NAMES, FORMATS, to_rgb8
 from residual_store.preprocess import eval_transform
 from server.errors import ImageRejected
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("JPEG", "PNG", "WEBP")
-
 
 class ImageDecoder:
     """bytes -> normalised (3, S, S) tensors, with the server's upload limits."""
@@ -51,7 +50,7 @@ class ImageDecoder:
         except ImageRejected:
             raise
         except UnidentifiedImageError as e:
-            raise ImageRejected("not_image", f"{name} is not a JPEG, PNG or WebP image") from e
+            raise ImageRejected("not_image", f"{name} is not a {FORMAT_NAMES} image") from e
         except Image.DecompressionBombError as e:
             raise ImageRejected("too_large", f"{name}: {e}") from e
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
@@ -64,10 +63,7 @@ class ImageDecoder:
         if width * height > self.max_pixels:
             raise ImageRejected("too_large", f"{name} is {width}x{height} = {width * height} pixels, "
                                              f"the limit is {self.max_pixels} (--max-image-pixels)")
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)  # animated WebP/PNG: the first frame only
-        image.load()
-        return self.transform(image.convert("RGB"))
+        return self.transform(to_rgb8(image))  # the trainer's pixels: residual_store.images
 
     async def decode_many(self, blobs: list[tuple[str, bytes]]) -> torch.Tensor:
         """Decode (name, bytes) uploads concurrently in the pool; (n, 3, S, S)."""

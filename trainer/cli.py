@@ -28,20 +28,25 @@ the last checkpoint. Either way --resume continues exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from residual_store.cli import parse_command_line
 from residual_store.errors import BaseModelError, ResidualStoreError
 from trainer.config import ALPHAS, CROPS, DEVICES, METHODS, TrainConfig
 from trainer.presets import PRESET_NAMES, PRESETS
+from trainer import checkpoint
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
 from trainer.errors import CheckpointError, ConfigError, DataError, PublishError, TrainerError
-from trainer.export import export, publish, write_report
-from trainer.loop import Trainer
 
 PROG = "uda-train"
 logger = logging.getLogger(__name__)
@@ -120,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--workdir", type=Path, default=d.workdir, help="default: %(default)s")
     g.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a workdir that "
+                   "holds a run, removing that run's checkpoint, log, report, residual and plots")
+    g.add_argument("--allow-data-change", action="store_true", help="--resume although images "
+                   "were added, removed or changed since the checkpoint (on purpose)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
     g.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this global step with a checkpoint; continue with --resume")
@@ -133,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--publish", metavar="STORE_URL", help="store to publish to: a directory, "
                    "file:///path or redis://host:6379/0")
     g.add_argument("--task", help="task name (default: <source>2<target> folder names)")
+    g.add_argument("--allow-class-change", action="store_true", help="let --publish replace a "
+                   "task whose class list or base (model, weights) differs from this run's")
     g.add_argument("--dry-run", action="store_true", help="validate everything, train nothing")
     g.add_argument("--verbose", "-v", action="store_true", help="log progress details")
     return p
@@ -163,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args
     logging.getLogger("trainer.progress").setLevel(logging.INFO)  # progress lines off a terminal
     cfg = config_from_args(args, given_flags(argv))
+    if cfg.pretrained in (None, "", "random"):  # random weights were asked for: no need to say
+        logging.getLogger().addFilter(_no_random_weights_warning)  # so at every model build
     try:
         cfg.validate()
         return run(cfg)
@@ -175,78 +188,147 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: TrainConfig) -> int:
+    from trainer.export import export  # torch: not for --help or a refused configuration
+    from trainer.loop import Trainer
+
     wall_start = time.perf_counter()
     trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        if cfg.dry_run:
-            return dry_run(trainer)
-        result = trainer.train()
-        if not trainer.is_main:
+    workdir = Path(cfg.workdir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun: rank 0 owns the workdir
+    with contextlib.ExitStack() as held:
+        try:
+            if main_rank and workdir.is_dir():  # before the scan, before a checkpoint is read
+                held.enter_context(checkpoint.locked(workdir))
+            check_store(cfg)
+            trainer.setup()
+            if cfg.dry_run:
+                return dry_run(trainer)
+            if cfg.resume and cfg.stop_after is not None and trainer.step >= cfg.stop_after:
+                print(f"nothing to do: {trainer.checkpoint_path} is at step {trainer.step} and "
+                      f"--stop-after is {cfg.stop_after}; to go on, --resume with a later "
+                      "--stop-after or without it")
+                return 0
+            check_task_contract(trainer)
+            if main_rank and not workdir.is_dir():
+                held.enter_context(checkpoint.locked(workdir))  # created now the data is valid
+            if main_rank and cfg.overwrite:
+                checkpoint.remove_run(workdir)
+            result = trainer.train()
+            if not trainer.is_main:
+                return 0
+            if not result.finished:
+                print(f"stopped after step {result.steps} of {trainer.cfg.total_steps}; checkpoint "
+                      f"in {trainer.checkpoint_path}; continue with the same flags and --resume")
+                return 0
+            exported = export(trainer, result, wall_start)
+            _print_outcome(workdir, exported)
+            if cfg.publish:
+                return _publish(trainer, exported)
             return 0
-        if not result.finished:
-            print(f"stopped after step {result.steps} of {trainer.cfg.total_steps}; checkpoint "
-                  f"in {trainer.checkpoint_path}; continue with the same flags and --resume")
-            return 0
-        exported = export(trainer, result, wall_start)
-        m = exported.report["metrics"]
-        mean_class = m["mean_class_accuracy"]
-        print(f"task {exported.report['task']}: target accuracy {m['target_accuracy']:.4f} "
-              f"(mean per-class {'n/a' if mean_class is None else f'{mean_class:.4f}'}) on "
-              f"{m['target_images']} images of {exported.report['evaluated_on']['what']} "
-              f"(measured on the exported residual), dsp {m['dsp']}, nnz {m['nnz']} "
-              f"({m['fraction_changed']:.4%} of encoder weights), {m['skipped_files']} files skipped")
-        best = exported.report["paper_protocol"]
-        if best is not None:
-            print(f"paper's protocol (best of {best['evaluations']} evaluations, chosen with the "
-                  f"target labels): {best['accuracy']:.4f} at step {best['best_step']}")
-        for warning in exported.report["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"artifact {exported.artifact}; report {Path(cfg.workdir) / 'report.json'}; plots "
-              f"{Path(cfg.workdir) / 'training.png'}, {Path(cfg.workdir) / 'confusion.png'}")
-        if cfg.publish:
-            return _publish(trainer, exported)
-        return 0
-    except KeyboardInterrupt:
-        saved = trainer.checkpoint_step
-        where = ("no checkpoint was written yet" if saved is None else
-                 f"checkpoint of step {saved} in {trainer.checkpoint_path}; continue with the "
-                 "same flags and --resume")
-        print(f"{PROG}: interrupted at step {trainer.step}; {where}", file=sys.stderr)
-        return 130
-    finally:
-        trainer.cleanup()
+        except KeyboardInterrupt:
+            saved = trainer.checkpoint_step
+            where = ("no checkpoint was written yet" if saved is None else
+                     f"checkpoint of step {saved} in {trainer.checkpoint_path}; continue with the "
+                     "same flags and --resume")
+            print(f"{PROG}: interrupted at step {trainer.step}; {where}", file=sys.stderr)
+            return 130
+        finally:
+            trainer.cleanup()
+    return 0  # not reached: every path above returns
+
+
+def _print_outcome(workdir: Path, exported) -> None:
+    """What the run measured, its warnings (stderr) and where its files are."""
+    print(result_line(exported.report))
+    best = exported.report["paper_protocol"]
+    if best is not None:
+        print(f"paper's protocol (best of {best['evaluations']} evaluations, chosen with the "
+              f"target labels): {best['accuracy']:.4f} at step {best['best_step']}")
+    for warning in exported.report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    plots = [workdir / name for name in ("training.png", "confusion.png") if (workdir / name).exists()]
+    print(f"artifact {exported.artifact}; report {workdir / 'report.json'}; plots "
+          f"{', '.join(map(str, plots)) or 'none'}{_not_measured(exported.report)}")
+
+
+def result_line(report: dict) -> str:
+    """The run's outcome in one line: what was measured on what, or that nothing was."""
+    m = report["metrics"]
+    changed = (f"dsp {m['dsp']}, nnz {m['nnz']} ({m['fraction_changed']:.4%} of encoder weights), "
+               f"{m['skipped_files']} files skipped")
+    if report["evaluated_on"] is None:
+        return (f"task {report['task']}: target accuracy not measured (the target has no labels; "
+                f"--target-eval DIR names a labelled split), {changed}")
+    mean_class = m["mean_class_accuracy"]
+    return (f"task {report['task']}: target accuracy {m['target_accuracy']:.4f} (mean per-class "
+            f"{'n/a' if mean_class is None else f'{mean_class:.4f}'}) on {m['target_images']} "
+            f"images of {report['evaluated_on']['what']} (measured on the exported residual), "
+            f"{changed}")
+
+
+def _not_measured(report: dict) -> str:
+    return "" if report["evaluated_on"] is not None else "; target accuracy not measured (no target labels)"
 
 
 def _publish(trainer: Trainer, exported) -> int:
+    from trainer.export import publish, write_report
+
     task = trainer.cfg.task_name()
     try:
-        info, url = publish(exported.blob, task, trainer.cfg.publish, exported.artifact)
+        info, url = publish(exported.blob, task, trainer.cfg.publish, exported.artifact,
+                            allow_class_change=trainer.cfg.allow_class_change)
     except PublishError as e:
         exported.report["publish_error"] = str(e)
         write_report(Path(trainer.cfg.workdir), exported.report)
         return _fail(str(e), 1)
-    print(f"published task {task} version {info.version} to {url}")
+    print(f"published task {task} version {info.version} to {url}{_not_measured(exported.report)}")
     return 0
+
+
+def check_store(cfg: TrainConfig) -> None:
+    """--publish: the store answers and takes writes, before anything is scanned or trained."""
+    if not cfg.publish:
+        return
+    from residual_store.stores import open_store, redact_url
+
+    store = open_store(cfg.publish)
+    try:
+        store.check_writable()
+    except ResidualStoreError as e:
+        raise PublishError(f"--publish {redact_url(cfg.publish)}: {e}; fix the store (or leave "
+                           "--publish out and publish later with uda-store import)") from e
+    finally:
+        store.close()
+
+
+def check_task_contract(trainer: Trainer) -> None:
+    """--publish: refuse now, not after training, to change a published task's classes or base."""
+    cfg = trainer.cfg
+    if not cfg.publish:
+        return
+    from residual_store.stores import open_store
+    from residual_store.stores.contract import check_replacement
+
+    metadata = {"classes": json.dumps(trainer.class_names), "base_model": trainer.spec.model,
+                "base_pretrained": trainer.spec.pretrained_label,
+                "base_fingerprint": trainer.base_fingerprint}
+    store = open_store(cfg.publish)
+    try:
+        check_replacement(store, cfg.task_name(), metadata, cfg.allow_class_change)
+    finally:
+        store.close()
 
 
 def dry_run(trainer: Trainer) -> int:
     cfg = trainer.cfg
-    if cfg.publish:
-        from residual_store.stores import open_store
-        from residual_store.stores.directory import DirectoryStore
-
-        store = open_store(cfg.publish)
-        try:
-            if not isinstance(store, DirectoryStore):  # a directory store is created on publish
-                store.ping()
-        finally:
-            store.close()
+    check_task_contract(trainer)
     plan = {
         "task": cfg.task_name(), "device": str(trainer.device), "family": trainer.family,
         "input_size": trainer.input_size, "classes": trainer.class_names,
         "source_images": len(trainer.source.files), "target_images": len(trainer.target.files),
-        "skipped_files": len(trainer.skipped), "steps": cfg.total_steps if cfg.method != "zeroshot" else 0,
+        "target_labelled": trainer.target.labelled,
+        "skipped_files": len(trainer.skipped), "ignored_files": trainer.ignored_files,
+        "steps": cfg.total_steps if cfg.method != "zeroshot" else 0,
         "resume_from_step": trainer.step, "lr": cfg.lr, "head_lr": cfg.lr * cfg.head_lr_mult,
         "tau": cfg.tau if cfg.rst else None, "publish": cfg.publish,
         "evaluated_on": trainer.eval_description, "settings": cfg.settings(),
@@ -254,6 +336,12 @@ def dry_run(trainer: Trainer) -> int:
     print(json.dumps(plan, indent=2))
     print("dry run: configuration, data and model are valid; nothing was trained")
     return 0
+
+
+def _no_random_weights_warning(record: logging.LogRecord) -> bool:
+    """open_clip warns "No pretrained weights loaded" at each build (the run builds the base
+    twice); with --pretrained random that is what was asked for."""
+    return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 def _fail(message: str, code: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from residual_store.errors import InvalidTaskName, ResidualStoreError, one_line
 from residual_store.stores import open_store, redact_url, validate_task_name
-from trainer import presets
+from trainer import checkpoint, presets
 from trainer.errors import ConfigError
 
 Method = Literal["cmkd", "baseline", "zeroshot"]
@@ -111,6 +111,8 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast, CUDA only
     workdir: Path = Path("runs/uda")  # checkpoints, logs, residual.safetensors, report.json
     resume: bool = False  # continue from workdir/checkpoint.pt
+    overwrite: bool = False  # start afresh in a workdir holding a run (its files are removed)
+    allow_data_change: bool = False  # --resume although the images changed since the checkpoint
     checkpoint_every: int = 500  # steps between checkpoints (and one at every epoch end)
     stop_after: int | None = None  # stop after this global step with a checkpoint (resume later)
     eval_batch_size: int = 64  # images per batch in the evaluations
@@ -118,6 +120,7 @@ class TrainConfig:
     log_every: int = 50  # steps between plain progress lines when stderr is not a terminal
     publish: str | None = None  # store URL (directory, file://, redis://) to publish to
     task: str | None = None  # task name; None: "<source>2<target>" from the domain folder names
+    allow_class_change: bool = False  # --publish may change an existing task's classes or base
     dry_run: bool = False  # validate everything, train nothing
     # where each setting came from ("default", "preset NAME", "flag", ...); not a setting itself
     provenance: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -189,10 +192,11 @@ class TrainConfig:
         return Path(self.source), Path(self.target)  # type: ignore[arg-type]
 
     def task_name(self) -> str:
+        """--task, or "<source>2<target>" from the domains' real folder names (see domain_name)."""
         if self.task:
             return self.task
         src, tgt = self.domain_dirs()
-        return f"{src.name}2{tgt.name}"
+        return f"{domain_name(src)}2{domain_name(tgt)}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly values (paths as strings) for metadata, reports and checkpoints.
@@ -206,6 +210,22 @@ class TrainConfig:
         if out["publish"] is not None:
             out["publish"] = redact_url(out["publish"])
         return out
+
+
+# Folder names that say how a dataset is laid out, not which domain it is.
+LAYOUT_FOLDERS = frozenset({"images", "image", "imgs", "img", "data",
+                            "train", "training", "val", "valid", "validation", "test", "testing",
+                            "all", "unlabeled", "unlabelled", "labeled", "labelled"})
+
+
+def domain_name(folder: Path) -> str:
+    """A domain's name from its folder: the path resolved (`.` and `..` become real names),
+    layout folders skipped (`office31/amazon/images` -> `amazon`, `visda/train` -> `visda`)."""
+    path = Path(folder).expanduser().absolute().resolve()
+    for part in (path, *path.parents):
+        if part.name and part.name.lower() not in LAYOUT_FOLDERS:
+            return part.name
+    return path.name or "root"
 
 
 def _data_problems(cfg: TrainConfig) -> list[str]:
@@ -235,6 +255,7 @@ def _data_problems(cfg: TrainConfig) -> list[str]:
     if cfg.target_eval is not None and not Path(cfg.target_eval).is_dir():
         problems.append(f"--target-eval {str(cfg.target_eval)!r} is not a folder: expected a "
                         "labelled target split DIR/<class>/<image>")
+    problems += checkpoint.workdir_problems(Path(cfg.workdir), cfg.resume, cfg.overwrite)
     if cfg.classes_file is not None and not Path(cfg.classes_file).is_file():
         problems.append(f"--classes {str(cfg.classes_file)!r} is not a readable file")
     if cfg.publish is not None:

@@ -1,11 +1,17 @@
 """Image folders of the two domains, their transforms, and deterministic step-indexed sampling.
 
-Layout: ImageFolder, `DOMAIN/<class>/<image>`; classes are the sorted class-folder names and
-must be the same in both domains, two at least. A domain folder whose only entry is an
-`images` folder (Office-31: `amazon/images/<class>/...`) stands for that folder.
+Layout: ImageFolder, `DOMAIN/<class>/<image>`; classes are the sorted class-folder names (in
+Unicode NFC), two at least. The target is labelled when its class folders are the source's,
+and unlabelled when it is a flat folder of images or its subfolders share no name with the
+source's classes (then every image below it is used); a target whose folders match only some
+classes is an error. A domain folder whose only entry is an `images` folder (Office-31:
+`amazon/images/<class>/...`) stands for that folder. Symlinked folders are followed, each
+real folder once.
 
-Every file is decoded once up front: a file Pillow cannot read is skipped with one warning
-and counted in the report. A file that breaks after the scan is skipped the same way when
+Images are files with an image extension (residual_store.images.EXTENSIONS, the formats the
+server accepts); other files (Thumbs.db, notes.txt) are ignored and only counted. Every image
+is decoded once up front with the server's decoder: a file it cannot read is skipped with one
+warning and counted in the report. A file that breaks after the scan is skipped the same way when
 training or evaluation reaches it (reported by the loader to the main process, which warns
 once and counts it), so neither an epoch nor the evaluation crashes.
 
@@ -20,13 +26,14 @@ built separately, reads the class folders.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
-import io
 import logging
 import random
 import signal
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
+from residual_store import images
 from residual_store.errors import one_line
 from residual_store.preprocess import CLIP_MEAN, CLIP_STD, eval_transform
 from trainer.errors import DataError
@@ -61,24 +69,54 @@ class Domain:
     """The readable images of one domain folder."""
 
     root: Path
-    classes: list[str]  # sorted class-folder names
+    classes: list[str]  # class names (NFC), sorted; for an unlabelled target the source's
     files: list[Path]  # readable images, sorted by (class, relative path)
-    labels: list[int]  # class index of each file (evaluation and source training only)
+    labels: list[int] | None  # class index of each file; None: an unlabelled target
     digests: list[str]  # sha256 of each file's bytes
-    skipped: list[Skipped]
+    skipped: list[Skipped]  # image files Pillow could not read
+    ignored: int = 0  # files that are not images by their extension (Thumbs.db, notes.txt...)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
 
 
-def class_folders(root: Path, role: str) -> tuple[Path, list[str]]:
-    """(folder holding the classes, sorted class-folder names) of a domain; DataError when it
-    is missing or has fewer than 2 classes."""
+def nfc(name: str) -> str:
+    """A class name in Unicode NFC: a folder named in NFD (macOS) is the same class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def domain_root(root: Path, role: str) -> Path:
+    """The folder holding a domain's images: `root`, or its only entry when that is an
+    `images` folder (Office-31: DOMAIN/images/...). DataError when it is missing."""
     if not root.exists():
         raise DataError(f"{role} domain folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise DataError(f"{role} domain {str(root)!r} is not a folder")
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
     if len(entries) == 1 and entries[0].name == "images" and entries[0].is_dir():
-        root = entries[0]  # Office-31: DOMAIN/images/<class>/<image>
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return entries[0]  # Office-31: DOMAIN/images/<class>/<image>
+    return root
+
+
+def _subfolders(root: Path) -> list[str]:
+    """Non-hidden folder names in `root` (symlinked folders included), sorted by NFC name;
+    DataError when two of them are one name in two Unicode forms."""
+    names = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(nfc(name), name)
+        if other != name:
+            raise DataError(f"folders {other!r} and {name!r} in {str(root)!r} are the same name "
+                            "in two Unicode forms (NFC and NFD): merge or rename one")
+    return sorted(names, key=nfc)
+
+
+def class_folders(root: Path, role: str) -> tuple[Path, list[str]]:
+    """(folder holding the classes, class-folder names as on disk, sorted by NFC name) of a
+    labelled domain; DataError when it is missing or has fewer than 2 classes."""
+    root = domain_root(root, role)
+    classes = _subfolders(root)
     if not classes:
         raise DataError(f"{role} domain folder {str(root)!r} has no class folders: expected "
                         f"{root}/<class>/<image>")
@@ -89,8 +127,28 @@ def class_folders(root: Path, role: str) -> tuple[Path, list[str]]:
     return root, classes
 
 
+def target_folders(root: Path, source_classes: list[str], role: str = "target"
+                   ) -> tuple[Path, list[str] | None]:
+    """(folder of the target's images, its class folders or None when it is unlabelled).
+
+    Labelled: its subfolders are the source's classes (in NFC). Unlabelled: a flat folder of
+    images, or subfolders whose names share none of the source's classes (cameras, dates...);
+    every image below it is read. Subfolders that match only some classes are an error: a
+    typo must not quietly turn a labelled target into an unlabelled one."""
+    root = domain_root(root, role)
+    folders = _subfolders(root)
+    names = [nfc(f) for f in folders]
+    source = [nfc(c) for c in source_classes]
+    if names == source:
+        return root, folders
+    if set(names) & set(source):
+        check_same_classes(source, names)
+    return root, None
+
+
 def check_same_classes(source: list[str], target: list[str]) -> None:
     """One error listing every difference between the two domains' class folders."""
+    source, target = [nfc(c) for c in source], [nfc(c) for c in target]
     if source == target:
         return
     only_s = sorted(set(source) - set(target))
@@ -99,18 +157,56 @@ def check_same_classes(source: list[str], target: list[str]) -> None:
                     f"only in target {only_t}")
 
 
-def scan_domain(root: Path, classes: list[str], role: str, workers: int = 0) -> Domain:
-    """Decode every file once: keep the images Pillow can read, skip the rest with a warning.
+def walk_files(top: Path, role: str) -> Iterator[Path]:
+    """Every non-hidden file below `top`, sorted per folder, following symlinked folders once:
+    a link back to a folder already walked (a loop, or a second link to it) is skipped with a
+    warning naming it."""
+    seen: set[tuple[int, int]] = set()
 
-    Decoding is the slow part of a scan; Pillow releases the GIL while it decodes, so up to
-    `workers` threads share it.
-    """
-    candidates = []
-    for label, cls in enumerate(classes):
-        for path in sorted(p for p in (root / cls).rglob("*") if p.is_file()):
-            if any(part.startswith(".") for part in path.relative_to(root).parts):
+    def visit(folder: Path) -> Iterator[Path]:
+        try:
+            st = folder.stat()
+            entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError as e:
+            logger.warning("skipping %s folder %s: %s", role, folder, one_line(e))
+            return
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning("skipping symlinked %s folder %s: it leads to %s, which is already "
+                           "scanned (a loop or a second link)", role, folder, folder.resolve())
+            return
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue  # .DS_Store, ._foo.jpg and friends are not data
-            candidates.append((path, label))
+            if entry.is_dir():
+                yield from visit(entry)
+            elif entry.is_file() or entry.is_symlink():  # a broken link is reported unreadable
+                yield entry
+
+    yield from visit(top)
+
+
+def scan_domain(root: Path, classes: list[str] | None, role: str, workers: int = 0) -> Domain:
+    """Decode every image file once: keep those Pillow can read, skip the rest with a warning.
+
+    `classes`: the class-folder names (as on disk), or None for an unlabelled domain, whose
+    images are every image file below `root`. Files that are not images by their extension
+    (Thumbs.db, notes.txt) are left out quietly and only counted. Decoding is the slow part of
+    a scan; Pillow releases the GIL while it decodes, so up to `workers` threads share it.
+    """
+    candidates: list[tuple[Path, int]] = []
+    ignored: dict[str, int] = {}
+    groups = [(root, -1)] if classes is None else [(root / c, i) for i, c in enumerate(classes)]
+    for folder, label in groups:
+        for path in walk_files(folder, role):
+            if images.is_image_name(path):
+                candidates.append((path, label))
+            else:
+                ext = path.suffix.lower() or "(none)"
+                ignored[ext] = ignored.get(ext, 0) + 1
+    if ignored:
+        logger.info("%s domain %s: ignored %d files that are not images (%s)", role, root,
+                    sum(ignored.values()), ", ".join(f"{k} {v}" for k, v in sorted(ignored.items())))
     paths = [path for path, _ in candidates]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         # map() submits everything at once: in chunks, a 600k-image domain is not 600k futures
@@ -125,50 +221,66 @@ def scan_domain(root: Path, classes: list[str], role: str, workers: int = 0) -> 
         files.append(path)
         labels.append(label)
         digests.append(digest)
+    n_ignored = sum(ignored.values())
     if not files:
         raise DataError(f"{role} domain folder {str(root)!r} has no readable images "
-                        f"({len(skipped)} unreadable files skipped)")
-    present = set(labels)
-    empty = [c for i, c in enumerate(classes) if i not in present]
-    if empty:
-        logger.warning("%s domain %s has no images for classes %s", role, root, empty)
-    return Domain(root, classes, files, labels, digests, skipped)
+                        f"({len(skipped)} unreadable image files skipped, {n_ignored} other files "
+                        f"ignored; images are {images.FORMAT_NAMES} files, by extension)")
+    names = [nfc(c) for c in classes] if classes is not None else []
+    if classes is not None:
+        present = set(labels)
+        empty = [c for i, c in enumerate(names) if i not in present]
+        if empty:
+            logger.warning("%s domain %s has no images for classes %s", role, root, empty)
+    return Domain(root, names, files, labels if classes is not None else None, digests, skipped,
+                  n_ignored)
 
 
 def _check_image(path: Path) -> tuple[str | None, str | None]:
     """(sha256 of the file, None) when Pillow decodes it completely, else (None, why not)."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        images.decode_local(data)  # a truncated JPEG passes verify() and fails only here
+        with images.open_image(data) as im:
             im.verify()  # checksums decoding does not look at (PNG chunk CRCs)
-        _load(io.BytesIO(data))  # a truncated JPEG passes verify() and fails only here
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
         return None, one_line(e)
     return hashlib.sha256(data).hexdigest(), None
 
 
 def load_domains(source_dir: Path, target_dir: Path, workers: int = 0) -> tuple[Domain, Domain]:
+    """The labelled source and the target, labelled (its class folders are the source's) or
+    not (see target_folders)."""
     source_dir, s_classes = class_folders(source_dir, "source")
-    target_dir, t_classes = class_folders(target_dir, "target")
-    check_same_classes(s_classes, t_classes)
-    return (scan_domain(source_dir, s_classes, "source", workers),
-            scan_domain(target_dir, t_classes, "target", workers))
+    target_dir, t_classes = target_folders(target_dir, s_classes)
+    source = scan_domain(source_dir, s_classes, "source", workers)
+    target = scan_domain(target_dir, t_classes, "target", workers)
+    if not target.labelled:
+        target.classes = list(source.classes)
+    return source, target
 
 
 def display_names(classes: list[str], classes_file: Path | None) -> list[str]:
-    """Class names shown to users and used in prompts: the folder names or --classes FILE."""
+    """Class names shown to users and used in prompts: the folder names or --classes FILE
+    (UTF-8, a byte-order mark allowed), in NFC; two equal names are refused."""
     if classes_file is None:
-        return list(classes)
-    try:
-        text = Path(classes_file).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"--classes {str(classes_file)!r} is not UTF-8 text (byte {e.start}: "
-                        f"{e.reason}): save it as UTF-8, one name per line") from e
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(names) != len(classes):
-        raise DataError(f"--classes {str(classes_file)!r} has {len(names)} names for "
-                        f"{len(classes)} class folders ({', '.join(classes[:5])}...): one name "
-                        "per line, in sorted folder order")
+        names = [nfc(c) for c in classes]
+    else:
+        try:
+            text = Path(classes_file).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"--classes {str(classes_file)!r} is not UTF-8 text (byte {e.start}: "
+                            f"{e.reason}): save it as UTF-8, one name per line") from e
+        names = [nfc(line.strip()) for line in text.splitlines() if line.strip()]
+        if len(names) != len(classes):
+            raise DataError(f"--classes {str(classes_file)!r} has {len(names)} names for "
+                            f"{len(classes)} class folders ({', '.join(classes[:5])}...): one "
+                            "name per line, in sorted folder order")
+    twice = sorted(n for n, count in collections.Counter(names).items() if count > 1)
+    if twice:
+        where = f"--classes {str(classes_file)!r}" if classes_file else "the class folders"
+        raise DataError(f"{where} name the same class twice ({', '.join(map(repr, twice))}): "
+                        "each class needs its own name")
     return names
 
 
@@ -221,9 +333,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _load(source: Path | io.BytesIO) -> Image.Image:
-    with Image.open(source) as im:
-        return im.convert("RGB")  # a loaded copy, so the file can close
+def _load(path: Path) -> Image.Image:
+    """The image as 8-bit RGB, decoded as the server decodes uploads (residual_store.images)."""
+    return images.read_image(path)
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -305,7 +417,7 @@ class EvalImages(Dataset):
             image = _load(path)
         except Exception as e:  # PIL raises many types
             return None, [Skipped(str(path), one_line(e))]
-        return (self.transform(image), self.domain.labels[index]), []
+        return (self.transform(image), self.domain.labels[index]), []  # type: ignore[index]
 
 
 def collate_readable(items: list[tuple]) -> tuple[Any, list[Skipped]]:

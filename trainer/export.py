@@ -42,6 +42,8 @@ ARTIFACT = "residual.safetensors"
 REPORT = "report.json"
 TRAINING_PLOT = "training.png"
 CONFUSION_PLOT = "confusion.png"
+NOT_MEASURED = ("target accuracy was not measured: the target has no labels (a flat folder, or "
+                "folders that are not the source's classes) and no --target-eval DIR was given")
 PAPER_PROTOCOL = ("the best of the --eval-every evaluations, chosen with the target labels as "
                   "the paper's code does (it saves the best epoch); the exported residual is the "
                   "last step's, whose accuracy is metrics.target_accuracy")
@@ -138,19 +140,34 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
     residual = build_residual(trainer)
     write_atomic(artifact, validated_bytes(residual, trainer))
     logger.info("residual written to %s: %d changed encoder weights", artifact, residual.nnz)
-    evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.eval_domain,
-                                   trainer.input_size, trainer.device, cfg.eval_batch_size, cfg.workers,
-                                   trainer.skipped)
-    summary = metrics.classification_summary(evaluation.logits, evaluation.labels, trainer.class_names)
+    if trainer.eval_domain is not None:
+        evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.eval_domain,
+                                       trainer.input_size, trainer.device, cfg.eval_batch_size,
+                                       cfg.workers, trainer.skipped)
+        summary = metrics.classification_summary(evaluation.logits, evaluation.labels,
+                                                 trainer.class_names)
+        accuracy, evaluated, eval_seconds = evaluation.accuracy, len(evaluation.labels), evaluation.seconds
+        evaluated_on: dict[str, Any] | None = {
+            "what": trainer.eval_description, "images": evaluated,
+            "note": "the exported residual on a fresh base, serving transform"}
+    else:  # an unlabelled target and no --target-eval: nothing to measure against
+        summary = {"mean_class_accuracy": None, "per_class": None, "confusion": None}
+        accuracy, evaluated, eval_seconds, evaluated_on = None, 0, 0.0, None
     encoder_params = trainer.flat.layout.numel
-    rst_kept_nothing = cfg.rst and residual.nnz == 0
-    if rst_kept_nothing:
+    warnings = []
+    if evaluated_on is None:
+        warnings.append(NOT_MEASURED)
+    if cfg.rst and residual.nnz == 0:
         logger.warning("RST kept no change of the image encoder (tau %g): the residual is only a "
                        "task head; raise --lr or lower --tau", cfg.tau)
+        warnings.append("RST kept no change of the image encoder: the residual is only a task "
+                        "head; raise --lr or lower --tau")
     scores = {
-        "target_accuracy": evaluation.accuracy,
+        "target_accuracy": accuracy,
+        "target_accuracy_note": None if evaluated_on is not None else NOT_MEASURED,
         "mean_class_accuracy": summary["mean_class_accuracy"],
-        "target_images": len(evaluation.labels),
+        "target_images": evaluated,
+        "target_train_images": len(trainer.target.files),
         "source_images": len(trainer.source.files),
         "dsp": residual.dsp,
         "nnz": residual.nnz,
@@ -158,9 +175,10 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "fraction_changed": residual.nnz / encoder_params,
         "steps": result.steps,
         "train_seconds": round(result.train_seconds, 3),
-        "eval_seconds": round(evaluation.seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "skipped_files": len(trainer.skipped),
+        "ignored_files": trainer.ignored_files,
         "method": cfg.method,
         "rst": cfg.rst,
     }
@@ -173,13 +191,11 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "artifact": str(artifact),
         "classes": trainer.class_names,
         "metrics": scores,
-        "evaluated_on": {"what": trainer.eval_description, "images": len(evaluation.labels),
-                         "note": "the exported residual on a fresh base, serving transform"},
+        "evaluated_on": evaluated_on,
         "per_class": summary["per_class"],
         "confusion": summary["confusion"],
         "paper_protocol": best_step(records),
-        "warnings": (["RST kept no change of the image encoder: the residual is only a task "
-                      "head; raise --lr or lower --tau"] if rst_kept_nothing else []),
+        "warnings": warnings,
         "last_losses": result.last_losses,
         "skipped": [dataclasses.asdict(s) for s in trainer.skipped],
         "base": {"model": trainer.spec.model, "pretrained": trainer.spec.pretrained_label,
@@ -188,7 +204,7 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "settings": cfg.settings(),
     }
     write_report(workdir, report)
-    write_plots(workdir, records, summary["confusion"], trainer.class_names, cfg.task_name())
+    write_plots(workdir, records, summary["confusion"] or [], trainer.class_names, cfg.task_name())
     return ExportResult(artifact, report, blob)
 
 
@@ -238,9 +254,12 @@ def write_report(workdir: Path, report: dict[str, Any]) -> None:
     write_atomic(workdir / REPORT, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
 
 
-def publish(blob: bytes, task: str, url: str, artifact: Path):
-    """Publish atomically; PublishError (artifact kept) with the command to retry later."""
+def publish(blob: bytes, task: str, url: str, artifact: Path, allow_class_change: bool = False):
+    """Publish atomically; PublishError (artifact kept) with the command to retry later. A
+    publish that would change the task's classes or base is refused unless allowed."""
+    from residual_store.residual import inspect_blob
     from residual_store.stores import open_store, redact_url
+    from residual_store.stores.contract import check_replacement
 
     # Messages land on stderr and in report.json: the password stays out of both.
     shown = redact_url(url)
@@ -253,7 +272,10 @@ def publish(blob: bytes, task: str, url: str, artifact: Path):
     except (ResidualStoreError, ValueError, OSError) as e:
         raise PublishError(f"could not open store {shown}: {one_line(e).replace(url, shown)}. The "
                            f"residual is saved at {artifact}; publish it later with: {later}") from e
+    if allow_class_change:
+        later += " --allow-class-change"
     try:
+        check_replacement(store, task, inspect_blob(blob), allow_class_change)
         return store.publish(task, blob), store.url
     except (ResidualStoreError, OSError, ValueError) as e:
         raise PublishError(f"could not publish to {shown}: {one_line(e)}. The residual is saved "

@@ -115,16 +115,31 @@ class Trainer:
         # the scan's, and then any file that fails later in training or evaluation
         self.skipped = self.source.skipped + self.target.skipped
         self.target_train_files = data.target_training_order(self.target)
-        self.eval_domain, self.eval_description = self.target, f"--target {self.target.root}"
+        # what the target accuracy is measured on: None when no target labels exist
+        self.eval_domain: data.Domain | None = self.target if self.target.labelled else None
+        self.eval_description = f"--target {self.target.root}" if self.target.labelled else None
         if cfg.target_eval is not None:
             root, classes = data.class_folders(Path(cfg.target_eval), "--target-eval")
             data.check_same_classes(self.source.classes, classes)
             self.eval_domain = data.scan_domain(root, classes, "--target-eval", cfg.workers)
             self.skipped += self.eval_domain.skipped
             self.eval_description = f"--target-eval {root}"
-        logger.info("source %s: %d images, target %s: %d images, %d classes, %d files skipped",
-                    src_dir, len(self.source.files), tgt_dir, len(self.target.files),
-                    len(self.class_names), len(self.skipped))
+        if self.eval_domain is None:
+            logger.warning("the target %s is unlabelled: target accuracy will not be measured "
+                           "(give a labelled split with --target-eval DIR to measure it)%s",
+                           self.target.root, "; --eval-every evaluates nothing"
+                           if cfg.eval_every else "")
+        logger.info("source %s: %d images, target %s: %d images (%s), %d classes, %d files "
+                    "skipped, %d non-image files ignored", src_dir, len(self.source.files), tgt_dir,
+                    len(self.target.files), "labelled" if self.target.labelled else "unlabelled",
+                    len(self.class_names), len(self.skipped), self.ignored_files)
+
+    @property
+    def ignored_files(self) -> int:
+        """Files of the data folders that are not images by their extension."""
+        domains = [self.source, self.target] + ([self.eval_domain] if self.eval_domain not in
+                                                 (None, self.target) else [])
+        return sum(d.ignored for d in domains)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -180,6 +195,7 @@ class Trainer:
             "step": self.step,
             "config": {k: config[k] for k in TRAINING_FIELDS},
             "run": self._run_identity,
+            "data_files": self._data_files,
             "base_fingerprint": self.base_fingerprint,
             "encoder": self.flat.buffer.detach().cpu().clone(),
             "head": self.net.head.state_dict(),
@@ -209,14 +225,47 @@ class Trainer:
         return {"classes": list(self.class_names), "data_sha256": data_digest.hexdigest(),
                 "world": self.world}
 
+    @functools.cached_property
+    def _data_files(self) -> dict[str, dict[str, str]]:
+        """domain -> {path relative to the domain folder: sha256}: what a changed dataset
+        blocking --resume is described with (files added, removed, changed)."""
+        return {name: {str(f.relative_to(d.root)): digest for f, digest in zip(d.files, d.digests)}
+                for name, d in (("source", self.source), ("target", self.target))}
+
+    def _data_change(self, saved: dict[str, Any]) -> str:
+        """What changed in the images since the checkpoint `saved`, e.g. "source: 2 added, 0
+        removed, 1 changed" (from the file list checkpoints record since issue 23)."""
+        old_files = saved.get("data_files")
+        if not isinstance(old_files, dict):
+            return "the images or their labels changed"
+        parts = []
+        for name, now in self._data_files.items():
+            before = old_files.get(name, {})
+            added = len(now.keys() - before.keys())
+            removed = len(before.keys() - now.keys())
+            modified = sum(1 for k in now.keys() & before.keys() if now[k] != before[k])
+            if added or removed or modified:
+                parts.append(f"{name}: {added} added, {removed} removed, {modified} changed")
+        return "; ".join(parts) or "the labels or the order of the images changed"
+
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.checkpoint_path)
         changed = checkpoint.config_differences(state.get("config", {}), self.cfg.to_dict(),
                                                 TRAINING_FIELDS)
         if "run" in state:  # checkpoints from before the run identity was recorded lack it
             now = self._run_identity
-            changed += [f"{k}: {_short(state['run'].get(k))} -> {_short(v)}"
-                        for k, v in now.items() if state["run"].get(k) != v]
+            for k, v in now.items():
+                if state["run"].get(k) == v:
+                    continue
+                if k == "data_sha256":
+                    if self.cfg.allow_data_change:
+                        logger.warning("--allow-data-change: resuming with changed images (%s)",
+                                       self._data_change(state))
+                        continue
+                    changed.append(f"the images changed ({self._data_change(state)}): "
+                                   "--allow-data-change resumes with them on purpose")
+                else:
+                    changed.append(f"{k}: {_short(state['run'].get(k))} -> {_short(v)}")
         if changed:
             raise CheckpointError(f"{self.checkpoint_path} was written with other settings "
                                   f"({'; '.join(changed)}): use the same flags, or start a new "
@@ -337,7 +386,7 @@ class Trainer:
     def _evaluate_during_training(self, log, bar) -> None:
         """--eval-every: the in-memory model on the evaluation set, one log line (rank 0 only:
         the other ranks go on to the next step's all-reduce and wait for it there)."""
-        if not self.eval_domain.labels:
+        if self.eval_domain is None:  # unlabelled: setup() said so once
             return
         logits, labels = self.predict_labelled(self.target_eval_loader())
         summary = metrics.classification_summary(logits, labels, self.class_names)
@@ -413,7 +462,11 @@ class Trainer:
         return torch.cat(logits), torch.cat(labels)
 
     def target_eval_loader(self):
-        """The evaluation set (--target-eval, else the target) with the serving transform."""
+        """The evaluation set (--target-eval, else the labelled target) with the serving
+        transform; only when there is one (eval_domain is not None)."""
+        if self.eval_domain is None:
+            raise TrainerError("no labelled evaluation set: the target is unlabelled and no "
+                               "--target-eval was given")
         return data.eval_loader(self.eval_domain, self.input_size, self.cfg.eval_batch_size, self.cfg.workers)
 
     def cleanup(self) -> None:

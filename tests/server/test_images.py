@@ -64,3 +64,30 @@ def test_decompression_bomb_is_refused_from_the_header(decoder):
     with pytest.raises(ImageRejected, match="pixels") as info:
         decoder.decode(buf.getvalue())
     assert info.value.kind == "too_large"
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_as_the_trainer_reads_it(decoder, tmp_path):
+    """Issue 23: a 16-bit grey PNG became almost white; both sides share one decoder now."""
+    import numpy as np
+
+    from trainer.data import _load
+
+    ramp16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp16).save(path)
+    served = decoder.decode(path.read_bytes())
+    assert torch.equal(served, eval_transform(32)(_load(path)))
+    white = eval_transform(32)(Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert served.mean() < white.mean() - 1.0  # mid-grey on average, not white
+
+
+def test_exif_orientation_is_applied_like_the_trainer(decoder, tmp_path):
+    from trainer.data import _load
+
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=95)
+    assert torch.equal(decoder.decode(path.read_bytes()), eval_transform(32)(_load(path)))

@@ -16,6 +16,8 @@ def test_missing_and_empty_domains(tmp_path, world):
         data.load_domains(tmp_path / "nope", world["sketch"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="has no class folders"):
+        data.load_domains(tmp_path / "empty", world["sketch"])
+    with pytest.raises(DataError, match="no readable images"):  # an empty unlabelled target
         data.load_domains(world["photo"], tmp_path / "empty")
     (tmp_path / "hollow" / "circle").mkdir(parents=True)
     with pytest.raises(DataError, match="no readable images"):
@@ -26,7 +28,9 @@ def test_one_class_is_refused_with_a_hint(world, tmp_path):
     """One class would train a classifier that cannot be wrong (and learns nothing)."""
     shutil.copytree(world["sketch"] / "circle", tmp_path / "one" / "circle")
     with pytest.raises(DataError, match=r"has one class folder, 'circle'.*class folder rather than a domain"):
-        data.load_domains(world["photo"], tmp_path / "one")
+        data.load_domains(tmp_path / "one", world["sketch"])
+    with pytest.raises(DataError, match=r"class folders differ.*only in source \['square', 'triangle'\]"):
+        data.load_domains(world["photo"], tmp_path / "one")  # a target with some classes
 
 
 def test_office31_images_folder_is_descended(world, tmp_path):
@@ -60,11 +64,12 @@ def test_unreadable_files_are_skipped_and_counted(world_copy, caplog, truncated_
     (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored, not counted
     _, target = data.load_domains(world_copy["photo"], world_copy["sketch"], workers)
     assert sorted(s.path.rsplit("/", 1)[1] for s in target.skipped) == [
-        "notes.txt", "truncated.jpg", "truncated.png"]
+        "truncated.jpg", "truncated.png"]
+    assert target.ignored == 1  # notes.txt: not an image by its extension, counted apart
     assert len(target.files) == 15 and len(target.digests) == 15
     assert target.files == sorted(target.files)  # threads do not change the order
     warnings = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
-    assert len(warnings) == 3
+    assert len(warnings) == 2
     assert any("truncated.jpg" in w and "truncated" in w.split("truncated.jpg", 1)[1] for w in warnings)
 
 

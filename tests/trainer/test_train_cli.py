@@ -115,7 +115,8 @@ def test_resume_refuses_other_images_or_classes(train, world_copy, tmp_path, cap
     victim.unlink()  # one target image fewer: the sample stream is not the one checkpointed
     assert train(tmp_path / "run", "--resume", source=src, target=tgt) == 2
     err = capsys.readouterr().err
-    assert "data_sha256" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert "target: 0 added, 1 removed, 0 changed" in err and "--allow-data-change" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
     for domain in (src, tgt):  # a new class: the head no longer has the checkpoint's shape
         shutil.copytree(domain / "circle", domain / "zigzag")
@@ -188,8 +189,9 @@ def test_unreadable_files_are_counted_in_the_report(train, world_copy, tmp_path,
     truncated_jpeg(square / "cut.jpg", like=square / "square_000.png")
     assert train(tmp_path / "run", source=world_copy["photo"], target=world_copy["sketch"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["metrics"]["skipped_files"] == 3 and report["metrics"]["target_images"] == 15
-    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.jpg", "cut.jpg", "notes.txt"]
+    assert report["metrics"]["skipped_files"] == 2 and report["metrics"]["target_images"] == 15
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.jpg", "cut.jpg"]
+    assert report["metrics"]["ignored_files"] == 1  # notes.txt: not an image, counted apart
 
 
 def test_files_that_break_after_the_scan_are_skipped_and_counted(world_copy, tmp_path, truncated_jpeg,
@@ -295,7 +297,24 @@ def test_bad_folders_are_one_line_errors(train, world_copy, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_unreachable_store_keeps_the_artifact(train, tmp_path, capsys):
+@pytest.fixture
+def store_lost_after_preflight(monkeypatch):
+    """The store answered the checks before training and is gone when the run publishes."""
+    monkeypatch.setattr(cli, "check_store", lambda cfg: None)
+    monkeypatch.setattr(cli, "check_task_contract", lambda trainer: None)
+
+
+def test_unreachable_store_is_refused_before_training(train, tmp_path, capsys):
+    url = "redis://uda-train:s3cret-pw@127.0.0.1:1/0?prefix=uda:"
+    for extra in ((), ("--dry-run",)):
+        assert train(tmp_path / "run", "--publish", url, "--task", "p2s", *extra) == 1
+        err = capsys.readouterr().err
+        assert "127.0.0.1:1 is unreachable" in err and err.count("\n") == 1, err
+        assert "s3cret-pw" not in err
+        assert not (tmp_path / "run").exists()  # nothing scanned, nothing trained
+
+
+def test_unreachable_store_keeps_the_artifact(train, tmp_path, capsys, store_lost_after_preflight):
     code = train(tmp_path / "run", "--publish", "redis://127.0.0.1:1/0", "--task", "p2s")
     assert code == 1
     err = capsys.readouterr().err
@@ -306,7 +325,8 @@ def test_unreachable_store_keeps_the_artifact(train, tmp_path, capsys):
     assert "publish_error" in json.loads((tmp_path / "run" / "report.json").read_text())
 
 
-def test_a_password_in_the_publish_url_is_never_written_or_printed(train, tmp_path, capsys):
+def test_a_password_in_the_publish_url_is_never_written_or_printed(train, tmp_path, capsys,
+                                                                    store_lost_after_preflight):
     url = "redis://uda-train:s3cret-pw@127.0.0.1:1/0?prefix=uda:"
     assert train(tmp_path / "run", "--publish", url, "--task", "p2s") == 1
     err = capsys.readouterr().err
