@@ -125,7 +125,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def v2_infer(request: Request, task: str = _task_path()):
         task_known(request, task)
         uploads, body = await read_v2_images(request, cfg.max_batch, cfg.max_image_bytes,
-                                             cfg.request_timeout)
+                                             cfg.request_timeout, cfg.max_json_bytes or None)
         return v2_infer_body(await unless_client_leaves(request, runtime.infer(task, uploads)), body)
 
     # -- Open Inference Protocol v2 metadata and health ----------------------------------------

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bearer token for /admin/* (or ${ADMIN_TOKEN_ENV}); unset disables /admin")
     p.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
     p.add_argument("--max-image-bytes", default="20MiB", help="largest upload per image (413 beyond)")
+    p.add_argument("--max-json-bytes", default="0",
+                   help="largest /v2 JSON body (e.g. 64MiB); 0: --max-batch images of "
+                        "--max-image-bytes in base64, at most 32MiB unless one image needs more")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest width*height (413 beyond)")
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="image decoding threads")
     p.add_argument("--streams", type=int, default=d.streams,
@@ -68,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a lone request for throughput, at any number of tasks")
     p.add_argument("--reconcile-interval", type=float, default=d.reconcile_interval,
                    help="seconds between version checks with the store")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send a whole request head (slow clients "
+                        "are closed)")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                   help="most open connections (beyond it: closed at once; requests: 503); "
+                        "0: the open-files limit less 128, at most 4096")
     p.add_argument("--grace-period", type=float, default=d.grace_period,
                    help="seconds SIGTERM waits for queued requests")
     return p
@@ -91,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     problems = []
     host, port = listen_address(args, problems)
     sizes = {}
-    for flag in ("cache_bytes", "max_image_bytes"):
+    for flag in ("cache_bytes", "max_image_bytes", "max_json_bytes"):
         try:
             sizes[flag] = parse_size(getattr(args, flag))
         except ValueError as e:
@@ -106,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
         log_level=args.log_level, max_image_pixels=args.max_image_pixels,
         decode_workers=args.decode_workers, streams=args.streams,
-        reconcile_interval=args.reconcile_interval,
+        reconcile_interval=args.reconcile_interval, header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
         grace_period=args.grace_period, **sizes)
     try:
         config = ServeConfig(**kwargs)

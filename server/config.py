@@ -65,9 +65,15 @@ class ServeConfig:
     log_level: LogLevel = "info"  # logging level of the server and uvicorn
     max_image_bytes: int = 20 << 20  # largest accepted upload per image (413 beyond)
     max_image_pixels: int = 40_000_000  # largest width*height accepted (decompression bombs: 413)
+    # largest /v2 JSON body; 0 = auto: --max-batch images in base64, at most 32 MiB unless one
+    # image needs more (server.uploads.json_body_limit)
+    max_json_bytes: int = 0
     decode_workers: int = 4  # threads decoding and preprocessing images off the model thread
     streams: int = 1  # model threads, each with its own copy of the base (CPU only when > 1)
     reconcile_interval: float = 1.0  # seconds between version checks with the store
+    header_timeout: float = 10.0  # seconds a connection has to send a whole request head
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    limit_concurrency: int = 0  # most open connections; 0 = the descriptor limit less a reserve
     grace_period: float = 30.0  # seconds SIGTERM waits for queued requests before exiting
 
     def __post_init__(self) -> None:
@@ -94,11 +100,18 @@ class ServeConfig:
         need(bool(self.host), "--host is empty: use e.g. 127.0.0.1 or 0.0.0.0")
         need(self.log_level in LOG_LEVELS, f"--log-level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         need(self.max_image_bytes >= 1024, f"--max-image-bytes {self.max_image_bytes} must be >= 1024")
+        need(self.max_json_bytes == 0 or self.max_json_bytes >= 1024,
+             f"--max-json-bytes {self.max_json_bytes} must be 0 (auto) or >= 1024")
         need(self.max_image_pixels >= 1, f"--max-image-pixels {self.max_image_pixels} must be >= 1")
         need(1 <= self.decode_workers <= 256, f"--decode-workers {self.decode_workers} must be in 1..256")
         need(1 <= self.streams <= 64, f"--streams {self.streams} must be in 1..64")
         need(0.05 <= self.reconcile_interval <= 60,
              f"--reconcile-interval {self.reconcile_interval} must be in 0.05..60 seconds")
+        need(0 < self.header_timeout <= 3600, f"--header-timeout {self.header_timeout} must be in (0, 3600] seconds")
+        need(0 < self.keep_alive_timeout <= 3600,
+             f"--keep-alive-timeout {self.keep_alive_timeout} must be in (0, 3600] seconds")
+        need(self.limit_concurrency == 0 or 2 <= self.limit_concurrency <= 1_000_000,
+             f"--limit-concurrency {self.limit_concurrency} must be 0 (auto) or in 2..1000000")
         need(0 <= self.grace_period <= 3600, f"--grace-period {self.grace_period} must be in 0..3600 seconds")
         need(self.admin_token is None or len(self.admin_token) >= 8,
              "--admin-token must have at least 8 characters (or be unset to disable /admin)")

@@ -29,17 +29,17 @@ def body_limit(max_files: int, max_image_bytes: int, base64_json: bool = False) 
     return max_files * (per_file + _MULTIPART_OVERHEAD)
 
 
-async def _stream(request: Request, limit: int, timeout: float | None = None) -> AsyncIterator[bytes]:
+async def _stream(request: Request, limit: int, timeout: float | None = None,
+                  what: str = "--max-image-bytes x --max-batch") -> AsyncIterator[bytes]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ImageRejected("too_large", f"request body of {declared} bytes exceeds the {limit} "
-                                         "byte limit (--max-image-bytes x --max-batch)")
+                                         f"byte limit ({what})")
     total = 0
     async for chunk in _within(request.stream(), timeout):
         total += len(chunk)
         if total > limit:
-            raise ImageRejected("too_large", f"request body exceeds the {limit} byte limit "
-                                             "(--max-image-bytes x --max-batch)")
+            raise ImageRejected("too_large", f"request body exceeds the {limit} byte limit ({what})")
         yield chunk
 
 
@@ -64,8 +64,9 @@ async def _within(chunks: AsyncIterator[bytes], timeout: float | None) -> AsyncI
         yield chunk
 
 
-async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
-    return b"".join([chunk async for chunk in _stream(request, limit, timeout)])
+async def read_body(request: Request, limit: int, timeout: float | None = None,
+                    what: str = "--max-image-bytes x --max-batch") -> bytes:
+    return b"".join([chunk async for chunk in _stream(request, limit, timeout, what)])
 
 
 async def read_images(request: Request, max_files: int, max_image_bytes: int,
@@ -102,12 +103,42 @@ async def _multipart(request: Request, max_files: int, max_image_bytes: int,
     return files
 
 
+JSON_BODY_CAP = 32 << 20  # default /v2 body cap, unless one image in base64 needs more
+
+
+def json_body_limit(max_files: int, max_image_bytes: int) -> int:
+    """The default cap of a /v2 JSON body: --max-batch images of --max-image-bytes in base64,
+    but at most JSON_BODY_CAP unless one such image alone needs more. A JSON body is parsed
+    whole into Python objects, so its cap stays small; big batches of big images go multipart."""
+    full = body_limit(max_files, max_image_bytes, base64_json=True)
+    one = body_limit(1, max_image_bytes, base64_json=True)
+    return max(one, min(full, JSON_BODY_CAP))
+
+
+def _json_items_limit(max_files: int) -> int:
+    """Most commas, colons, brackets and braces a v2 body may have: the images, their input's
+    fields and a few parameters. `[],[],...` or `1,1,...` would cost ~50 bytes of Python
+    objects per byte of JSON; this is counted before anything is parsed."""
+    return 256 + 4 * max_files
+
+
 async def read_v2_images(request: Request, max_files: int, max_image_bytes: int,
-                         timeout: float | None = None) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-    """Images of an Open Inference Protocol v2 infer request, and the request's JSON."""
-    raw = await read_body(request, body_limit(max_files, max_image_bytes, base64_json=True), timeout)
+                         timeout: float | None = None, max_json_bytes: int | None = None
+                         ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    """Images of an Open Inference Protocol v2 infer request, and the request's JSON.
+
+    The body is refused while it streams once past `max_json_bytes` (json_body_limit by
+    default), then refused unparsed when it has more JSON items than a request of `max_files`
+    images needs; only then is it parsed, off the event loop."""
+    limit = max_json_bytes or json_body_limit(max_files, max_image_bytes)
+    raw = await read_body(request, limit, timeout, what="--max-json-bytes")
+    items = sum(raw.count(c) for c in (b",", b":", b"[", b"{"))
+    if items > _json_items_limit(max_files):
+        raise ImageRejected("too_large", f"infer body has {items} JSON items (commas, colons, "
+                                         f"brackets), the limit for --max-batch {max_files} is "
+                                         f"{_json_items_limit(max_files)}")
     try:
-        body = json.loads(raw)
+        body = await asyncio.to_thread(json.loads, raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         # ValueError: besides JSONDecodeError (a subclass), an integer literal beyond Python's
         # 4300-digit conversion limit; RecursionError: arrays or objects nested too deep.
