@@ -7,9 +7,12 @@ instead of being computed for clients that are about to lose their connections a
 """
 from __future__ import annotations
 
+import asyncio
+
 import uvicorn
 
 from server.config import ServeConfig
+from server.http_limits import auto_connection_cap, install_accept_error_handler, limited_h11
 from server.runtime import ServeRuntime
 
 
@@ -18,10 +21,19 @@ class DrainingServer(uvicorn.Server):
         # h11: uvicorn's httptools protocol tells only the newest of pipelined requests that
         # their connection closed, so the ones before it would be computed for nobody
         # (server/disconnects.py); h11 tells every one.
-        super().__init__(uvicorn.Config(
+        # The limits uvicorn lacks (header timeout, connection cap, chunk floor) are in
+        # server/http_limits.py, on top of its h11 protocol.
+        cap = config.limit_concurrency or auto_connection_cap()
+        super().__init__(_LimitedConfig(
+            limited_h11(config.header_timeout, cap),
             app, host=config.host, port=config.port, http="h11", log_level=log_level,
+            limit_concurrency=cap, timeout_keep_alive=config.keep_alive_timeout,
             timeout_graceful_shutdown=config.grace_period, lifespan="on"))
         self.runtime = runtime
+
+    async def startup(self, sockets=None) -> None:
+        install_accept_error_handler(asyncio.get_running_loop())
+        await super().startup(sockets=sockets)
 
     def handle_exit(self, sig, frame) -> None:
         self.runtime.begin_drain()
@@ -34,3 +46,15 @@ class DrainingServer(uvicorn.Server):
         did unless the exit was forced)."""
         self.run()
         self.runtime.stop(grace=0.0 if self.force_exit else None)
+
+
+class _LimitedConfig(uvicorn.Config):
+    """uvicorn's h11 (`http="h11"`), as its subclass with server/http_limits.py's limits."""
+
+    def __init__(self, protocol: type, *args, **kw):
+        super().__init__(*args, **kw)
+        self._limited_protocol = protocol
+
+    def load(self) -> None:
+        super().load()
+        self.http_protocol_class = self._limited_protocol
