@@ -56,6 +56,10 @@ def open_store(url: str | Path, **kw: Any) -> ResidualStore:
 
         return RedisStore(url, **kw)
     if url.startswith("file://"):
+        if "?" in url:  # a directory store takes no settings: `?prefix=` is a mistake
+            raise ValueError(f"file:// store URL {url!r} has a query ({url.split('?', 1)[1]!r}), "
+                             "but a directory store takes no parameters: use e.g. "
+                             "file:///data/residuals (prefix= is for redis:// URLs)")
         path = unquote(url[len("file://"):])
         if path.startswith("localhost/"):
             path = path[len("localhost"):]

@@ -93,3 +93,8 @@ def test_check_replacement_of_a_new_task_passes(tmp_path, blob_factory):
     store.publish("Ar2Cl", blob_factory())
     with pytest.raises(TaskContractChanged):
         check_replacement(store, "Ar2Cl", inspect_blob(blob_factory(base_model="ViT-B-16")))
+
+
+def test_a_query_on_a_file_url_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="directory store takes no parameters"):
+        open_store(f"file://{tmp_path}/store?prefix=uda:")
