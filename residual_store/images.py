@@ -3,10 +3,10 @@
 What the trainer trains on is exactly what the server accepts: `FORMATS` (Pillow's decoders for
 JPEG, PNG and WebP; no other decoder runs on an upload). A folder scan takes every file with an
 image extension (`EXTENSIONS`, which also names BMP, GIF and TIFF) as an image, so one the
-server would refuse is reported as unreadable, naming its format, not ignored. `to_rgb8` turns any decoded image into the 8-bit RGB the
-evaluation transform expects:
+server would refuse is reported as unreadable, naming its format, not ignored. `to_rgb8` turns
+any decoded image into the 8-bit RGB the evaluation transform expects:
 
-- the first frame of an animated file (GIF, WebP, APNG, multi-page TIFF);
+- the first frame of an animated file (WebP, APNG);
 - the EXIF orientation applied (a phone's portrait JPEG is upright, as any viewer shows it);
 - 16-bit and 32-bit integer greys (PNG/TIFF modes I;16*, I) scaled from their full range to
   0-255 (value * 255 / 65535), floats (mode F) from [0, 1] when they lie there, else clipped

@@ -1,8 +1,9 @@
 """Decoding and preprocessing uploads, in a thread pool off the model thread.
 
 Only JPEG, PNG and WebP are decoded (`residual_store.images.FORMATS`, which is also all the
-trainer trains on; Pillow is told so, no other decoder runs). Limits: bytes per upload and width x height, checked from the header before any
-pixel is decoded, so a decompression bomb costs nothing. The pixels go through
+trainer trains on; Pillow is told so, no other decoder runs). Limits: bytes per upload and
+width x height, checked from the header before any pixel is decoded, so a decompression bomb
+costs nothing. The pixels go through
 `residual_store.images.to_rgb8` (first frame, EXIF orientation, 16-bit scaled to 8-bit, RGB)
 and `residual_store.preprocess.eval_transform`, exactly as the trainer reads its images, so
 served scores equal the trainer's.
