@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest /v2 JSON body (e.g. 64MiB); 0: --max-batch images of "
                         "--max-image-bytes in base64, at most 32MiB unless one image needs more")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest width*height (413 beyond)")
+    p.add_argument("--max-image-side", type=int, default=d.max_image_side,
+                   help="longest width or height of an image (413 beyond)")
+    p.add_argument("--max-image-aspect", type=float, default=d.max_image_aspect,
+                   help="largest long side / short side of an image (413 beyond)")
+    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
+                   help="most width*height of one request's images together (413 beyond)")
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="image decoding threads")
     p.add_argument("--streams", type=int, default=d.streams,
                    help="model threads on a CPU, each with its own copy of the base and "
@@ -116,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         pin=parse_tasks(args.pin), host=host, port=port,
         admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None,
         log_level=args.log_level, max_image_pixels=args.max_image_pixels,
+        max_image_side=args.max_image_side, max_image_aspect=args.max_image_aspect,
+        max_request_pixels=args.max_request_pixels,
         decode_workers=args.decode_workers, streams=args.streams,
         reconcile_interval=args.reconcile_interval, header_timeout=args.header_timeout,
         keep_alive_timeout=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,

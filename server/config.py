@@ -65,6 +65,9 @@ class ServeConfig:
     log_level: LogLevel = "info"  # logging level of the server and uvicorn
     max_image_bytes: int = 20 << 20  # largest accepted upload per image (413 beyond)
     max_image_pixels: int = 40_000_000  # largest width*height accepted (decompression bombs: 413)
+    max_image_side: int = 16384  # longest width or height accepted (413 beyond)
+    max_image_aspect: float = 100.0  # largest long side / short side accepted (413 beyond)
+    max_request_pixels: int = 100_000_000  # most width*height of one request's images together
     # largest /v2 JSON body; 0 = auto: --max-batch images in base64, at most 32 MiB unless one
     # image needs more (server.uploads.json_body_limit)
     max_json_bytes: int = 0
@@ -102,6 +105,9 @@ class ServeConfig:
         need(self.max_image_bytes >= 1024, f"--max-image-bytes {self.max_image_bytes} must be >= 1024")
         need(self.max_json_bytes == 0 or self.max_json_bytes >= 1024,
              f"--max-json-bytes {self.max_json_bytes} must be 0 (auto) or >= 1024")
+        need(self.max_image_side >= 1, f"--max-image-side {self.max_image_side} must be >= 1")
+        need(self.max_image_aspect >= 1, f"--max-image-aspect {self.max_image_aspect} must be >= 1")
+        need(self.max_request_pixels >= 1, f"--max-request-pixels {self.max_request_pixels} must be >= 1")
         need(self.max_image_pixels >= 1, f"--max-image-pixels {self.max_image_pixels} must be >= 1")
         need(1 <= self.decode_workers <= 256, f"--decode-workers {self.decode_workers} must be in 1..256")
         need(1 <= self.streams <= 64, f"--streams {self.streams} must be in 1..64")

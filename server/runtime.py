@@ -80,7 +80,9 @@ class ServeRuntime:
                                cfg.reconcile_interval, on_change=self.batcher.notify,
                                verify=loader.verify, activation=self.engine.activation)
         self.decoder = ImageDecoder(self.engine.input_size, cfg.max_image_bytes,
-                                    cfg.max_image_pixels, cfg.decode_workers)
+                                    cfg.max_image_pixels, cfg.decode_workers,
+                                    max_side=cfg.max_image_side, max_aspect=cfg.max_image_aspect,
+                                    max_request_pixels=cfg.max_request_pixels)
         self.workers = [ModelWorker(engine, self.cache, self.catalog, self.batcher, self.metrics,
                                     name=f"uda-model-{i}") for i, engine in enumerate(self.engines)]
         self.catalog.start()
@@ -213,16 +215,22 @@ class ServeRuntime:
         if len(uploads) > self.config.max_batch:
             raise ImageRejected("too_large", f"{len(uploads)} images in one request, the limit "
                                              f"is {self.config.max_batch} (--max-batch)")
-        images = await self.decoder.decode_many(uploads)
         loop = asyncio.get_running_loop()
+        timeout = self.config.request_timeout
+        deadline = loop.time() + timeout  # decoding counts: one --request-timeout for both
+        try:
+            images = await asyncio.wait_for(self.decoder.decode_many(uploads), timeout)
+        except TimeoutError as e:
+            raise RequestTimeout(f"the images were not decoded within --request-timeout "
+                                 f"{timeout:g} s") from e
+        left = max(deadline - loop.time(), 0.001)
         future: asyncio.Future = loop.create_future()
         now = self.batcher.clock()
-        timeout = self.config.request_timeout
-        request = PendingRequest(task, images, now, now + timeout,
+        request = PendingRequest(task, images, now, now + left,
                                  lambda value: _settle_from_thread(loop, future, value))
         self.batcher.submit(request)
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(future, left)
         except TimeoutError as e:
             raise RequestTimeout(f"no answer within --request-timeout {timeout:g} s") from e
         finally:
