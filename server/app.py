@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import logging
 from typing import Literal
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.config import ServeConfig
+from server.config import ADMIN_TOKEN_ENV, ServeConfig
 from server.disconnects import unless_client_leaves
 from server.errors import AdminAuthError
 from server.http_errors import error_response, install_error_boundary
@@ -78,6 +79,10 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     """The app for `config`; builds the runtime at startup unless given a started one."""
     runtime = runtime or ServeRuntime(config)
     admin_token = config.resolved_admin_token()
+    raw_token = config.admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+    if admin_token is not None and raw_token != admin_token:
+        logger.warning("the admin token has whitespace around it (a file's trailing newline?); "
+                       "it was removed: clients send the token without it")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -75,6 +75,7 @@ class ResidualCache:
     def __init__(self, capacity_bytes: int, loader: Loader, *, metrics=None,
                  on_change: Callable[[], None] | None = None, workers: int = 2):
         self.capacity_bytes = capacity_bytes
+        self.oversized: dict[str, int] = {}  # task -> bytes of a residual larger than the budget
         self._loader = loader
         self._metrics = metrics
         self._on_change = on_change or (lambda: None)
@@ -152,6 +153,11 @@ class ResidualCache:
         victims = [(k, "lru") for k in self._entries if k[0] not in self._pinned]
         victims += [(k, "replaced") for k in self._entries if k[0] == entry.task and k[0] in self._pinned]
         evictable = sum(self._entries[k].nbytes for k, _ in victims)
+        if entry.nbytes > self.capacity_bytes:
+            # No eviction can help: every request of the task would load and fail again.
+            self.oversized[entry.task] = entry.nbytes
+        else:
+            self.oversized.pop(entry.task, None)
         if self.bytes_used - evictable + entry.nbytes > self.capacity_bytes:
             raise CacheFull(
                 f"residual of task {entry.task!r} needs {entry.nbytes} bytes; --cache-bytes "

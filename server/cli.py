@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_banner(runtime)
 
     server = DrainingServer(create_app(config, runtime), config, runtime, config.log_level)
+    server.on_bound = lambda port: _print_url(runtime, port)
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
     # installed as the "previous" ones, that re-raise is harmless and a drained server exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,7 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_banner(runtime) -> None:
     cfg, engine = runtime.config, runtime.engine
     tasks = runtime.catalog.tasks()
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     names = ", ".join(sorted(tasks)[:10]) + (f", ... ({len(tasks)} in all)" if len(tasks) > 10 else "")
     lines = [
         f"uda-serve: base {engine.spec.model}/{engine.spec.pretrained_label} with "
@@ -187,10 +187,16 @@ def _print_banner(runtime) -> None:
         lines.append(f"  WARNING {runtime.catalog.store_error} (serving starts anyway; /readyz says 503)")
     for problem in runtime.startup_problems:
         lines.append(f"  WARNING {problem}")
-    example = sorted(tasks)[0] if tasks else "TASK"
-    lines.append(f"  send requests to http://{host}:{cfg.port}/predict?task={example}"
-                 f"  (curl -F file=@image.jpg 'http://{host}:{cfg.port}/predict?task={example}')")
     print("\n".join(lines), flush=True)
+
+
+def _print_url(runtime, port: int) -> None:
+    """The last banner line, once listening: the bound port, which --port 0 leaves to the OS."""
+    cfg, tasks = runtime.config, runtime.catalog.tasks()
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    example = sorted(tasks)[0] if tasks else "TASK"
+    print(f"  send requests to http://{host}:{port}/predict?task={example}"
+          f"  (curl -F file=@image.jpg 'http://{host}:{port}/predict?task={example}')", flush=True)
 
 
 if __name__ == "__main__":

@@ -144,5 +144,8 @@ class ServeConfig:
         return self.max_wait_ms / 1000.0
 
     def resolved_admin_token(self) -> str | None:
-        """The flag's token, else UDA_ADMIN_TOKEN, else None (admin disabled)."""
-        return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        """The flag's token, else UDA_ADMIN_TOKEN, else None (admin disabled); surrounding
+        whitespace removed (a Kubernetes Secret made from a file ends with a newline, and no
+        client sends one: every admin call would be 403)."""
+        token = self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+        return token.strip() or None if token is not None else None

@@ -27,12 +27,14 @@ from server.engine import SwapEngine, resolve_device
 from server.errors import Conflict, ImageRejected, NotReady, RequestTimeout
 from server.images import ImageDecoder
 from server.loader import ResidualLoader, refusal_reason
+from server.log_repeats import quiet_repeats
 from server.metrics import Metrics
 from server.worker import BatchResult, ModelWorker
 
 logger = logging.getLogger(__name__)
 
 _STARTUP_LOAD_TIMEOUT_S = 300.0
+_RELOAD_TIMEOUT_S = 10.0  # at most this long (and --request-timeout) for /admin/reload
 _STORE_READ_WAIT_S = 10.0  # how long a stop waits for a residual load or check in flight
 
 
@@ -62,6 +64,7 @@ class ServeRuntime:
         """Build the base (and its replicas), follow the store, preload and pin, start the model
         threads."""
         cfg = self.config
+        quiet_repeats()
         if cfg.streams > 1 and resolve_device(cfg.device).type != "cpu":
             raise ValueError(f"--streams {cfg.streams} is for CPUs; on {cfg.device} one model thread "
                              "keeps the accelerator busy: use --streams 1")
@@ -182,6 +185,10 @@ class ServeRuntime:
             problems.append("shutting down")
         elif not all(worker.alive for worker in self.workers):
             problems.append("model thread stopped")
+        if self.cache is not None and self.cache.oversized:
+            task, need = max(self.cache.oversized.items(), key=lambda kv: kv[1])
+            problems.append(f"--cache-bytes {self.cache.capacity_bytes} is smaller than the "
+                            f"residual of task {task} ({need} bytes): raise --cache-bytes")
         if require_store:
             problems += self.store_problems()
         return problems
@@ -292,7 +299,14 @@ class ServeRuntime:
 
     async def reload(self) -> dict[str, Any]:
         self._require_started()
-        ok = await asyncio.to_thread(self.catalog.reconcile)
+        bound = min(self.config.request_timeout, _RELOAD_TIMEOUT_S)
+        try:
+            # A hung store must not hold the admin call (the thread ends with the store's own
+            # socket timeout; the reconcile loop goes on meanwhile).
+            ok = await asyncio.wait_for(asyncio.to_thread(self.catalog.reconcile), bound)
+        except TimeoutError:
+            raise StoreUnavailable(f"store {self.store.url} did not answer the reload within "
+                                   f"{bound:g} s") from None
         if not ok:
             raise StoreUnavailable(self.catalog.store_error or f"store {self.store.url} unreachable")
         return {"tasks": {t: tv.version for t, tv in sorted(self.catalog.tasks().items())}}

@@ -30,10 +30,14 @@ class DrainingServer(uvicorn.Server):
             limit_concurrency=cap, timeout_keep_alive=config.keep_alive_timeout,
             timeout_graceful_shutdown=config.grace_period, lifespan="on"))
         self.runtime = runtime
+        self.on_bound = None  # called with the port once listening (uda-serve prints the URL)
 
     async def startup(self, sockets=None) -> None:
         install_accept_error_handler(asyncio.get_running_loop())
         await super().startup(sockets=sockets)
+        listening = [sock for server in getattr(self, "servers", []) for sock in server.sockets]
+        if listening and self.on_bound is not None:
+            self.on_bound(listening[0].getsockname()[1])  # the real port, also for --port 0
 
     def handle_exit(self, sig, frame) -> None:
         self.runtime.begin_drain()
