@@ -32,6 +32,7 @@ from server.errors import (
     ShuttingDown,
     TaskUnavailable,
 )
+from server.log_hygiene import public_detail
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ async def _domain(request: Request, exc: Exception) -> JSONResponse:
     elif status == 499:
         logger.info("%s %s -> 499: %s", request.method, request.url.path,
                     str(exc) or "the client closed its connection during the upload")
-    return error_response(status, error, str(exc), _headers(exc, status))
+    # Details can quote a residual's metadata or a store path: escaped, no absolute paths.
+    return error_response(status, error, public_detail(str(exc)), _headers(exc, status))
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

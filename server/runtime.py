@@ -27,7 +27,7 @@ from server.engine import SwapEngine, resolve_device
 from server.errors import Conflict, ImageRejected, NotReady, RequestTimeout
 from server.images import ImageDecoder
 from server.loader import ResidualLoader, refusal_reason
-from server.log_repeats import quiet_repeats
+from server.log_hygiene import install_log_filters, public_detail
 from server.metrics import Metrics
 from server.worker import BatchResult, ModelWorker
 
@@ -64,7 +64,7 @@ class ServeRuntime:
         """Build the base (and its replicas), follow the store, preload and pin, start the model
         threads."""
         cfg = self.config
-        quiet_repeats()
+        install_log_filters()
         if cfg.streams > 1 and resolve_device(cfg.device).type != "cpu":
             raise ValueError(f"--streams {cfg.streams} is for CPUs; on {cfg.device} one model thread "
                              "keeps the accelerator busy: use --streams 1")
@@ -338,5 +338,6 @@ def _settle(future: asyncio.Future, value: Any) -> None:
 
 
 def _refusal_dict(refusal) -> dict[str, Any]:
-    return {"version": refusal.version, "reason": refusal.reason, "detail": refusal.detail}
+    return {"version": refusal.version, "reason": refusal.reason,
+            "detail": public_detail(refusal.detail)}
 
