@@ -28,6 +28,12 @@ from residual_store.head import HEAD_TYPES, build_head, head_parameter_count
 
 FORMAT = "uda-residual/1"
 MAX_HEADER_BYTES = 16 << 20  # a v1 header for ViT-B-16 is a few tens of KB
+# Metadata limits, checked at publish, import and load: every server re-reads a version's
+# metadata while it reconciles, and answers carry the class names, so a publisher must not be
+# able to make every reconcile or answer megabytes long.
+MAX_CLASSES = 10_000  # head width (DomainNet has 345 classes)
+MAX_CLASS_NAME = 128  # characters per class name
+MAX_METADATA_VALUE = 64 << 10  # bytes of any other metadata value (config, metrics...)
 REQUIRED_METADATA = ("format", "task", "base_model", "base_pretrained", "base_fingerprint",
                      "classes", "dsp", "metrics", "config")
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -261,10 +267,31 @@ def _read_header(blob: bytes) -> dict[str, str]:
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ResidualFormatError(f"metadata lacks {missing}")
+    _check_metadata_sizes(metadata)
     data_len = len(blob) - 8 - n
     for name, info in header.items():
         _check_entry(name, info, data_len)
     return metadata
+
+
+def _check_metadata_sizes(metadata: dict[str, str]) -> None:
+    """MAX_METADATA_VALUE per value, MAX_CLASSES names of MAX_CLASS_NAME characters at most."""
+    for key, value in metadata.items():
+        limit = MAX_CLASSES * (MAX_CLASS_NAME + 8) if key == "classes" else MAX_METADATA_VALUE
+        if len(value) > limit:
+            raise ResidualFormatError(f"metadata {key!r} has {len(value)} characters, the limit "
+                                      f"is {limit}")
+    try:
+        classes = json.loads(metadata["classes"])
+    except (ValueError, RecursionError):
+        return  # reported by _check_structure
+    if isinstance(classes, list):
+        if len(classes) > MAX_CLASSES:
+            raise ResidualFormatError(f"{len(classes)} classes, the limit is {MAX_CLASSES}")
+        long = next((c for c in classes if isinstance(c, str) and len(c) > MAX_CLASS_NAME), None)
+        if long is not None:
+            raise ResidualFormatError(f"a class name of {len(long)} characters, the limit is "
+                                      f"{MAX_CLASS_NAME}")
 
 
 def _check_entry(name: str, info: object, data_len: int) -> None:
