@@ -175,12 +175,13 @@ def execute(job: Job, cfg: RunConfig) -> Outcome:
     if cfg.jobs == 0:
         from trainer import cli
 
-        code = cli.main(job.argv)
+        code = cli.main([*job.argv, "--overwrite"])
         error = None if code == 0 else f"uda-train exited with {code}"
     else:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
         with open(job.workdir / "uda-train.out", "w") as out:
-            proc = subprocess.run([sys.executable, "-m", "trainer.cli", *job.argv], env=env,
+            # a rerun (--fresh, or a run killed half-way) replaces what its workdir holds
+            proc = subprocess.run([sys.executable, "-m", "trainer.cli", *job.argv, "--overwrite"], env=env,
                                   stdout=out, stderr=subprocess.STDOUT, check=False)
         error = None if proc.returncode == 0 else (
             f"uda-train exited with {proc.returncode}: {_last_line(job.workdir / 'uda-train.out')}")
@@ -201,7 +202,8 @@ def source_loss(workdir: Path, window: int = 10) -> tuple[float, float] | None:
     path = workdir / "train_log.jsonl"
     if not path.is_file():
         return None
-    values = [json.loads(line)["cls"] for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [r["cls"] for r in records if "cls" in r]  # --eval-every lines carry no losses
     if not values:
         return None
     w = max(1, min(window, len(values) // 2))
