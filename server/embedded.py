@@ -1,6 +1,6 @@
 """A real uvicorn server in a background thread of this process (tests, benchmarks, notebooks).
 
-    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", store=str(path), port=0)) as srv:
+    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(path), port=0)) as srv:
         httpx.post(f"{srv.url}/predict?task=A", files={"file": png})
 """
 from __future__ import annotations

@@ -30,8 +30,8 @@ def server_url(tmp_path_factory):
     base = BaseSpec("uda-tiny-vit").build()
     open_store(str(root)).publish("Ar2Cl", to_bytes(random_residual(
         base, "Ar2Cl", ["a", "b", "c"], base_model="uda-tiny-vit")))
-    cfg = ServeConfig(model="uda-tiny-vit", store=str(root), port=0, admin_token=TOKEN,
-                      max_batch=4, max_image_bytes=64 << 10)
+    cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(root), port=0,
+                      admin_token=TOKEN, max_batch=4, max_image_bytes=64 << 10)
     with EmbeddedServer(cfg) as srv:
         yield srv.url
 
