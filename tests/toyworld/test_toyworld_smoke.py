@@ -19,7 +19,9 @@ from residual_store.stores import open_store
 from server.config import ServeConfig
 from server.embedded import EmbeddedServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# The module fixture trains five methods in-process; on a loaded 2-core machine that alone can
+# take longer than the suite's 300 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1200)]
 
 TASK = "photo2sketch"
 # A few dozen steps of 8 + 8 images. The trainer's ViT default lr (3e-6, for ViT-B-16 over
