@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STORE ?= ./residuals
 
-.PHONY: venv test run redis prometheus clean
+.PHONY: venv test run redis prometheus haproxy clean
 
 # A venv whose creation failed half-way (Debian without python3.11-venv leaves a python but
 # no pip) is made again rather than reused.
@@ -31,7 +31,11 @@ redis:
 prometheus:
 	@scripts/ensure-prometheus.sh
 
-test: venv redis prometheus
+# tests/ops run the shipped deploy/haproxy/haproxy.cfg (Debian's package) before three servers.
+haproxy:
+	@scripts/ensure-haproxy.sh
+
+test: venv redis prometheus haproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job on the embedded default: serve the directory store with the tiny backbone

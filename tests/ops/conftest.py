@@ -1,4 +1,4 @@
-"""Fixtures for tests/ops: the Prometheus tools and redis-server, installed when missing."""
+"""Fixtures for tests/ops: the Prometheus tools, redis-server and haproxy, installed when missing."""
 from __future__ import annotations
 
 import shutil
@@ -31,3 +31,9 @@ def prometheus_tools() -> dict[str, str]:
 def redis_server_bin() -> str:
     """redis-server, for tests that start their own."""
     return ensured("ensure-redis.sh", "redis-server")["redis-server"]
+
+
+@pytest.fixture(scope="session")
+def haproxy_bin() -> str:
+    """haproxy, for the loopback test of deploy/haproxy/haproxy.cfg."""
+    return ensured("ensure-haproxy.sh", "haproxy")["haproxy"]

@@ -29,7 +29,7 @@ def make_dry_run(target: str) -> list[str]:
 def test_make_test_installs_the_tools_before_pytest():
     lines = make_dry_run("test")
     pytest_at = next(i for i, line in enumerate(lines) if "-m pytest" in line)
-    for script in ("scripts/ensure-redis.sh", "scripts/ensure-prometheus.sh"):
+    for script in ("scripts/ensure-redis.sh", "scripts/ensure-prometheus.sh", "scripts/ensure-haproxy.sh"):
         at = [i for i, line in enumerate(lines) if line.strip() == script]
         assert at and at[0] < pytest_at, f"{script} does not run before pytest:\n" + "\n".join(lines)
     # Unconditionally: not behind the `redis-cli ping || ...` that skips when a Redis answers.
@@ -42,8 +42,10 @@ def test_start_redis_reuses_the_install_step():
 
 
 @pytest.mark.parametrize("script,tools", [("ensure-redis.sh", ("redis-server", "redis-cli")),
-                                          ("ensure-prometheus.sh", ("prometheus", "promtool"))])
-def test_ensure_scripts_leave_the_tools_installed(script, tools, redis_server_bin, prometheus_tools):
+                                          ("ensure-prometheus.sh", ("prometheus", "promtool")),
+                                          ("ensure-haproxy.sh", ("haproxy",))])
+def test_ensure_scripts_leave_the_tools_installed(script, tools, redis_server_bin, prometheus_tools,
+                                                  haproxy_bin):
     done = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert all(shutil.which(t) for t in tools)
