@@ -19,9 +19,11 @@ from server.errors import AdminAuthError
 from server.http_errors import error_response, install_error_boundary
 from server.metrics import CONTENT_TYPE
 from server.request_metrics import RequestMetricsMiddleware
-from server.responses import predict_body, v2_infer_body, v2_model_body
+from server import oip
+from server.pages import install_pages
+from server.responses import predict_body, v2_model_body
 from server.runtime import ServeRuntime
-from server.uploads import read_images, read_v2_images
+from server.uploads import read_images
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ def _task_path():
     return Path(..., pattern=TASK_PATTERN, description=_TASK_DOC)
 
 
+def _version_path():
+    return Path(..., ge=1, le=2**53, description="a published version of the task (1, 2, ...)")
+
+
 def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> FastAPI:
     """The app for `config`; builds the runtime at startup unless given a started one."""
     runtime = runtime or ServeRuntime(config)
@@ -91,7 +97,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
         yield
         await asyncio.to_thread(runtime.stop)
 
-    # No docs page: Swagger UI would fetch its assets from a CDN. /openapi.json stays.
+    # /docs is installed by install_pages, with Swagger UI's assets from a wheel instead of a CDN.
     # No slash redirects: an API answers the path it was asked (a 307 to a guessed path only
     # confuses clients and fuzzers).
     app = FastAPI(title="uda-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -129,11 +135,26 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     @app.post("/v2/models/{task}/infer", responses=_INFER_ERRORS, openapi_extra=_V2_BODY)
     async def v2_infer(request: Request, task: str = _task_path()):
         task_known(request, task)
-        uploads, body = await read_v2_images(request, cfg.max_batch, cfg.max_image_bytes,
+        return await _v2_infer(request, task)
+
+    @app.post("/v2/models/{task}/versions/{version}/infer", responses=_INFER_ERRORS,
+              openapi_extra=_V2_BODY)
+    async def v2_infer_version(request: Request, task: str = _task_path(), version: int = _version_path()):
+        task_known(request, task)
+        await oip.require_version(runtime, task, version)
+        return await _v2_infer(request, task)
+
+    async def _v2_infer(request: Request, task: str):
+        infer = await oip.read_infer_request(request, cfg.max_batch, cfg.max_image_bytes,
                                              cfg.request_timeout, cfg.max_json_bytes or None)
-        return v2_infer_body(await unless_client_leaves(request, runtime.infer(task, uploads)), body)
+        result = await unless_client_leaves(request, runtime.infer(task, infer.images))
+        return oip.infer_response(result, infer)
 
     # -- Open Inference Protocol v2 metadata and health ----------------------------------------
+
+    @app.get("/v2")
+    async def v2_server_metadata():
+        return oip.server_metadata()
 
     @app.get("/v2/health/live")
     async def v2_live():
@@ -154,6 +175,19 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def v2_model_ready(request: Request, task: str = _task_path()):
         tv = task_known(request, task)
         return {"name": task, "ready": True, "resident": runtime.cache.peek(tv.key) is not None}
+
+    @app.get("/v2/models/{task}/versions/{version}", responses=_TASK_ERRORS)
+    async def v2_model_version(request: Request, task: str = _task_path(), version: int = _version_path()):
+        task_known(request, task)
+        return v2_model_body(await oip.require_version(runtime, task, version))
+
+    @app.get("/v2/models/{task}/versions/{version}/ready", responses=_TASK_ERRORS)
+    async def v2_model_version_ready(request: Request, task: str = _task_path(),
+                                     version: int = _version_path()):
+        task_known(request, task)
+        tv = await oip.require_version(runtime, task, version)
+        return {"name": task, "version": str(version), "ready": True,
+                "resident": runtime.cache.peek(tv.key) is not None}
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -208,4 +242,5 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
                 "batches": sum(w.batches for w in runtime.workers),
                 "swaps": sum(w.swaps for w in runtime.workers)}
 
+    install_pages(app, docs=config.docs)
     return app

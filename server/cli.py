@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def listen_address(args: argparse.Namespace, problems: list[str]) -> tuple[str, int]:
     """--host/--port, else $UDA_HOST/$UDA_PORT, else ServeConfig's defaults."""
     host = getattr(args, "host", None) or os.environ.get(HOST_ENV) or ServeConfig.host
+    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=d.docs,
+                   help="serve the API page /docs (Swagger UI from an installed wheel, no CDN)")
     port = getattr(args, "port", None)
     if port is None:
         raw = os.environ.get(PORT_ENV, "").strip()
@@ -127,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         decode_workers=args.decode_workers, streams=args.streams,
         reconcile_interval=args.reconcile_interval, header_timeout=args.header_timeout,
         keep_alive_timeout=args.keep_alive_timeout, limit_concurrency=args.limit_concurrency,
-        grace_period=args.grace_period, **sizes)
+        grace_period=args.grace_period, docs=args.docs, **sizes)
     try:
         config = ServeConfig(**kwargs)
     except ConfigError as e:
@@ -201,3 +203,5 @@ def _print_url(runtime, port: int) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+    pages = f"http://{host}:{port}/ui" + (f" and the API at http://{host}:{port}/docs" if cfg.docs else "")
+    print(f"  try it in a browser: {pages}", flush=True)

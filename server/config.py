@@ -78,6 +78,7 @@ class ServeConfig:
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     limit_concurrency: int = 0  # most open connections; 0 = the descriptor limit less a reserve
     grace_period: float = 30.0  # seconds SIGTERM waits for queued requests before exiting
+    docs: bool = True  # serve /docs (Swagger UI from the swagger-ui-bundle-v2 wheel, no CDN)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -56,3 +56,7 @@ class Conflict(ServeError):
 class ClientGone(ServeError):
     """The client closed its connection before its answer was ready; the work is dropped and the
     request is logged and counted as 499 (the answer is never sent)."""
+
+
+class VersionNotServed(ServeError):
+    """An Open Inference Protocol request for a version of a task other than the served one (404)."""

@@ -31,6 +31,7 @@ from server.errors import (
     ServeError,
     ShuttingDown,
     TaskUnavailable,
+    VersionNotServed,
 )
 from server.log_hygiene import public_detail
 
@@ -56,6 +57,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return _IMAGE_STATUS.get(exc.kind, (400, "bad request"))
     if isinstance(exc, UnknownTask):
         return 404, "unknown task"
+    if isinstance(exc, VersionNotServed):
+        return 404, "unknown version"
     if isinstance(exc, InvalidTaskName):
         return 400, "invalid task name"
     if isinstance(exc, QueueFull):

@@ -19,31 +19,12 @@ def predict_body(result: BatchResult, top_k: int) -> dict[str, Any]:
         for row_idx, row_val in zip(indices, values)
     ]
     return {"task": result.task, "version": result.version, "predictions": predictions,
-            "timing": _timing(result)}
+            "timing": timing(result)}
 
 
-def _timing(result: BatchResult) -> dict[str, float]:
+def timing(result: BatchResult) -> dict[str, float]:
     return {"queue_ms": round(result.queue_ms, 3), "swap_ms": round(result.swap_ms, 3),
             "model_ms": round(result.model_ms, 3)}
-
-
-def v2_infer_body(result: BatchResult, request: dict[str, Any]) -> dict[str, Any]:
-    """Open Inference Protocol v2 answer: `class_index` (INT64 [N]) and `scores` (FP32 [N, C])."""
-    n, c = result.scores.shape
-    body: dict[str, Any] = {
-        "model_name": result.task,
-        "model_version": str(result.version),
-        "outputs": [
-            {"name": "class_index", "datatype": "INT64", "shape": [n],
-             "data": result.scores.argmax(dim=1).tolist()},
-            {"name": "scores", "datatype": "FP32", "shape": [n, c],
-             "data": result.scores.reshape(-1).tolist()},
-        ],
-        "parameters": {"classes": list(result.classes), **{k: v for k, v in _timing(result).items()}},
-    }
-    if isinstance(request.get("id"), str):
-        body["id"] = request["id"]
-    return body
 
 
 def v2_model_body(tv: TaskVersion) -> dict[str, Any]:
@@ -55,6 +36,7 @@ def v2_model_body(tv: TaskVersion) -> dict[str, Any]:
         "platform": "pytorch_uda_residual",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": "class_index", "datatype": "INT64", "shape": [-1]},
-                    {"name": "scores", "datatype": "FP32", "shape": [-1, n_classes]}],
+                    {"name": "scores", "datatype": "FP32", "shape": [-1, n_classes]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
         "parameters": {"classes": tv.classes, "sha256": tv.sha256},
     }

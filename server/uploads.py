@@ -1,7 +1,8 @@
 """Reading image uploads out of HTTP requests with bounded memory.
 
-Three shapes: multipart `file` fields, one raw `image/*` body, and the Open Inference Protocol
-v2 JSON body whose BYTES input carries base64 image bytes. The body is read as a stream and
+Multipart `file` fields and one raw `image/*` body here; the Open Inference Protocol v2 bodies
+(JSON, or JSON then binary data) are parsed in server/oip.py on top of `read_body` and the
+limits below. The body is read as a stream and
 cut off at a limit derived from --max-image-bytes and --max-batch, before it is all in memory,
 and it must arrive within --request-timeout (408 otherwise), so a client that uploads slowly or
 stalls cannot hold a connection and its buffers forever.
@@ -9,11 +10,7 @@ stalls cannot hold a connection and its buffers forever.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -115,62 +112,8 @@ def json_body_limit(max_files: int, max_image_bytes: int) -> int:
     return max(one, min(full, JSON_BODY_CAP))
 
 
-def _json_items_limit(max_files: int) -> int:
+def json_items_limit(max_files: int) -> int:
     """Most commas and colons a v2 body may have: the images, their input's
     fields and a few parameters. `[],[],...` or `1,1,...` would cost ~50 bytes of Python
     objects per byte of JSON; this is counted before anything is parsed."""
     return 256 + 4 * max_files
-
-
-async def read_v2_images(request: Request, max_files: int, max_image_bytes: int,
-                         timeout: float | None = None, max_json_bytes: int | None = None
-                         ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-    """Images of an Open Inference Protocol v2 infer request, and the request's JSON.
-
-    The body is refused while it streams once past `max_json_bytes` (json_body_limit by
-    default), then refused unparsed when it has more JSON items than a request of `max_files`
-    images needs; only then is it parsed, off the event loop."""
-    limit = max_json_bytes or json_body_limit(max_files, max_image_bytes)
-    raw = await read_body(request, limit, timeout, what="--max-json-bytes")
-    # Commas and colons: every element past the first of a list or object needs one. Nesting
-    # without them (`[[[[...`) stops at the parser's recursion limit: a 400 below.
-    items = raw.count(b",") + raw.count(b":")
-    if items > _json_items_limit(max_files):
-        raise ImageRejected("too_large", f"infer body has {items} JSON items (commas and colons), "
-                                         f"the limit for --max-batch {max_files} is "
-                                         f"{_json_items_limit(max_files)}")
-    try:
-        body = await asyncio.to_thread(json.loads, raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        # ValueError: besides JSONDecodeError (a subclass), an integer literal beyond Python's
-        # 4300-digit conversion limit; RecursionError: arrays or objects nested too deep.
-        raise ImageRejected("bad_request", f"infer body is not JSON: {e}") from e
-    inputs = body.get("inputs") if isinstance(body, dict) else None
-    if not isinstance(inputs, list) or not inputs:
-        raise ImageRejected("bad_request", 'infer body needs "inputs": [{"name": "image", '
-                                           '"datatype": "BYTES", "shape": [N], "data": [base64...]}]')
-    item = next((i for i in inputs if isinstance(i, dict) and i.get("datatype") == "BYTES"), None)
-    if item is None or not isinstance(item.get("data"), list):
-        raise ImageRejected("bad_request", 'infer body needs one input with "datatype": "BYTES" '
-                                           'and "data": a list of base64 strings')
-    data = _flatten(item["data"])
-    if len(data) > max_files:
-        raise ImageRejected("too_large", f"{len(data)} images in one request, the limit is "
-                                         f"{max_files} (--max-batch)")
-    images = []
-    for i, value in enumerate(data):
-        if not isinstance(value, str):
-            raise ImageRejected("bad_request", f"input {item.get('name', 'image')!r} element {i} "
-                                               "is not a base64 string")
-        try:
-            images.append((f"{item.get('name', 'image')}[{i}]", base64.b64decode(value, validate=True)))
-        except (binascii.Error, ValueError) as e:
-            raise ImageRejected("bad_request", f"input element {i} is not valid base64: {e}") from e
-    return images, body
-
-
-def _flatten(data: list) -> list:
-    out: list = []
-    for x in data:
-        out.extend(_flatten(x) if isinstance(x, list) else [x])
-    return out

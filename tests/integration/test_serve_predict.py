@@ -210,8 +210,12 @@ def test_admin_auth(client):
     assert client.post("/admin/tasks/nope/load", headers=auth).status_code == 404
 
 
-def test_docs_page_is_off_and_openapi_is_served(client):
-    assert client.get("/docs").status_code == 404
+def test_docs_page_loads_its_assets_from_the_server_and_openapi_is_served(client):
+    # On by default since issue 20, with Swagger UI from a wheel: no URL of another host.
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert "://" not in page.text
+    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
     assert client.get("/openapi.json").status_code == 200
 
 
