@@ -30,6 +30,22 @@ def apply_residual(buffer: torch.Tensor, residual: FlatResidual) -> torch.Tensor
     return saved
 
 
+def apply_targets(buffer: torch.Tensor, targets: FlatResidual) -> torch.Tensor:
+    """Write a residual's target values (base + delta, rounded once: residual_store/precision.py)
+    in place and return the originals to restore.
+
+    Semantics: saved = w[idx]; w[idx] = targets; return saved
+    """
+    index = targets.unpack().index
+    saved = buffer.take(index)
+    try:
+        buffer.put_(index, targets.values)
+    except BaseException:
+        buffer.put_(index, saved)
+        raise
+    return saved
+
+
 def restore_residual(buffer: torch.Tensor, index: torch.Tensor, saved: torch.Tensor) -> None:
     """Put the originals back exactly.
 

@@ -235,7 +235,7 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     async def admin_fingerprint():
         """The base weights' sha256 now (any applied residual removed first) vs. at start."""
         streams = await runtime.fingerprints_now()
-        expected = runtime.engine.fingerprint
+        expected = runtime.engine.resident_fingerprint  # the bf16 weights' own with --precision bf16
         changed = [fp for fp in streams if fp != expected]
         return {"fingerprint": changed[0] if changed else expected, "expected": expected,
                 "unchanged": not changed, "streams": streams,

@@ -7,6 +7,7 @@ import re
 from typing import Literal
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+Precision = Literal["fp32", "bf16"]  # residual_store.precision.PRECISIONS
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
@@ -52,6 +53,10 @@ class ServeConfig:
     quick_gelu: bool | None = None
     store: str = "./residuals"  # residual store URL: a directory (embedded default) or redis://...
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda:0 when available, else cpu
+    precision: Precision = "fp32"  # resident encoder weights: fp32 (exact) or bf16 (faster)
+    # bf16 only: refuse a task whose recorded bf16 target accuracy is more than this many points
+    # below its fp32 one (or has no record); inf serves every task (server/precision_guard.py)
+    max_precision_drop: float = 0.5
     cache_bytes: int = 256 << 20  # budget for resident residuals (flat index + values + head)
     max_batch: int = 32  # most images run in one forward pass (also the most per request)
     max_wait_ms: float = 50.0  # a task waiting this much longer than the applied one preempts it
@@ -95,6 +100,12 @@ class ServeConfig:
         need(bool(self.store and self.store.strip()), "--store is empty: use e.g. ./residuals or redis://redis:6379/0")
         need(bool(_DEVICE_RE.match(self.device or "")),
              f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        from residual_store.precision import PRECISIONS
+
+        need(self.precision in PRECISIONS,
+             f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        need(self.max_precision_drop >= 0,
+             f"--max-precision-drop {self.max_precision_drop} must be >= 0 points (inf: no guard)")
         need(self.cache_bytes >= 1, f"--cache-bytes {self.cache_bytes} must be >= 1 (e.g. 256MiB)")
         need(1 <= self.max_batch <= 4096, f"--max-batch {self.max_batch} must be in 1..4096")
         need(0 <= self.max_wait_ms <= 60_000, f"--max-wait-ms {self.max_wait_ms} must be in 0..60000")

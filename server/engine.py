@@ -6,6 +6,11 @@ between batches of the same (task, sha256), so a stream of one task costs no swa
 tasks restores the originals exactly (copy back, no subtraction) before applying the next
 residual.
 
+With `precision="bf16"` the resident encoder weights are bf16 (residual_store/precision.py):
+the cache holds each residual's bf16 target values, a swap writes them and restores the saved
+bf16 originals, and the head runs in fp32 on fp32 features. `fingerprint` stays the fp32 base's
+(what residuals name); `resident_fingerprint` is the one of the weights as served.
+
 `replica()` gives a second engine over its own copy of the base, for a second model thread
 (`--streams`): each engine has its own weights to swap, so threads never share a swap.
 """
@@ -24,7 +29,9 @@ from torch import nn
 from residual_store import BaseSpec, FlatParams, FlatResidual, PackedResidual, embed_dim, fingerprint, input_size
 from residual_store.base import model_activation
 from residual_store.numerics import set_fp32_precision
-from residual_store.swap import apply_residual, restore_residual
+from residual_store.precision import ServedWeights, check_precision, encode, served_weights
+from residual_store.residual import Residual
+from residual_store.swap import apply_residual, apply_targets, restore_residual
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +66,17 @@ class RunTiming:
 class SwapEngine:
     """Builds the base once (`setup`), then runs batches with a residual applied."""
 
-    def __init__(self, spec: BaseSpec, device: str = "auto"):
+    def __init__(self, spec: BaseSpec, device: str = "auto", precision: str = "fp32"):
         self.spec = spec
         self.requested_device = device
+        self.precision = precision
+        self.dtype = check_precision(precision)
+        self.weights: ServedWeights | None = None
         self.device: torch.device | None = None
         self.model: nn.Module | None = None
         self.flat: FlatParams | None = None
-        self.fingerprint: str | None = None  # of the base as built; residuals must match it
+        self.fingerprint: str | None = None  # of the fp32 base as built; residuals must match it
+        self.resident_fingerprint: str | None = None  # of the weights as served (bf16 or fp32)
         self.activation: str | None = None  # "quick_gelu" or "gelu", of the base as built
         self.embed_dim: int | None = None
         self.input_size: int | None = None
@@ -85,20 +96,22 @@ class SwapEngine:
         model = self.spec.build(self.device)
         model.requires_grad_(False)
         visual = model.visual
+        self.fingerprint = fingerprint(visual)
         # Flatten after the move to the device: .to() would detach the parameters again.
-        flat = FlatParams(visual)
+        self.weights = served_weights(visual, self.precision)
+        flat = self.weights.flat
+        self.resident_fingerprint = fingerprint(visual)
         self.embed_dim = embed_dim(model)
         self.input_size = input_size(model)
-        self.fingerprint = fingerprint(visual)
         self.activation = model_activation(model)  # before the text tower goes: RN50's has it
         # Only the image encoder is served; dropping the text tower frees its memory.
         for name in ("transformer", "token_embedding", "ln_final", "text"):
             if hasattr(model, name):
                 setattr(model, name, None)
         self.model, self.flat = model, flat
-        logger.info("base %s/%s with %s on %s, fingerprint %s, %d encoder weights", self.spec.model,
-                    self.spec.pretrained_label, self.activation, self.device, self.fingerprint[:12],
-                    flat.layout.numel)
+        logger.info("base %s/%s with %s on %s in %s, fingerprint %s, %d encoder weights",
+                    self.spec.model, self.spec.pretrained_label, self.activation, self.device,
+                    self.precision, self.fingerprint[:12], flat.layout.numel)
 
     def replica(self) -> SwapEngine:
         """A set-up engine over a deep copy of this base: the same weights bit for bit (checked
@@ -108,20 +121,28 @@ class SwapEngine:
         with self._lock:
             self._restore_locked()
             model = copy.deepcopy(self.model)
-        twin = SwapEngine(self.spec, self.requested_device)
+        twin = SwapEngine(self.spec, self.requested_device, self.precision)
         twin.device, twin.embed_dim, twin.input_size = self.device, self.embed_dim, self.input_size
-        twin.activation = self.activation
+        twin.activation, twin.fingerprint = self.activation, self.fingerprint
         twin.flat = FlatParams(model.visual)  # the copy's parameters, rebound to a fresh buffer
+        # The fp32 master is only read (at load time): the replicas share it.
+        twin.weights = ServedWeights(twin.flat, self.weights.master, self.dtype)
         twin.model = model
-        twin.fingerprint = fingerprint(model.visual)
-        if twin.fingerprint != self.fingerprint:
-            raise RuntimeError(f"replica's base fingerprint {twin.fingerprint[:12]} differs from "
-                               f"{self.fingerprint[:12]}: the copy did not reproduce the weights")
+        twin.resident_fingerprint = fingerprint(model.visual)
+        if twin.resident_fingerprint != self.resident_fingerprint:
+            raise RuntimeError(f"replica's base fingerprint {twin.resident_fingerprint[:12]} differs "
+                               f"from {self.resident_fingerprint[:12]}: the copy did not reproduce "
+                               "the weights")
         return twin
 
     @property
     def layout(self):
         return self.flat.layout
+
+    def resident_form(self, residual: Residual) -> PackedResidual:
+        """What the cache keeps of `residual` for this engine (on the host): its flat deltas in
+        fp32, or its bf16 target values; packed."""
+        return PackedResidual.pack(self.weights.resident(residual.to_flat(self.layout)))
 
     @property
     def applied_key(self) -> Hashable | None:
@@ -133,8 +154,9 @@ class SwapEngine:
         """Logits of `batch` under base + residual: `head(visual(x))`, on the CPU.
 
         Semantics: if key differs from the applied one: w[idx_old] = saved_old;
-        idx, values = unpack(residual); saved = w[idx]; w[idx] += values.
-        Then logits = head(visual(x)).
+        idx, values = unpack(residual); saved = w[idx]; w[idx] += values (fp32), or
+        w[idx] = values (bf16: `resident_form` made them targets).
+        Then logits = head(float(visual(x))).
         """
         with self._lock:
             t0 = time.perf_counter()
@@ -144,7 +166,8 @@ class SwapEngine:
                 self._apply_locked(key, residual)
             t1 = time.perf_counter()
             with torch.inference_mode():
-                logits = head(self.model.visual(batch.to(self.device, non_blocking=True)))
+                features = encode(self.model.visual, batch.to(self.device, non_blocking=True), self.dtype)
+                logits = head(features)
                 logits = logits.float().cpu()
             t2 = time.perf_counter()
         return logits, RunTiming(swapped, t1 - t0 if swapped else 0.0, t2 - t1)
@@ -157,7 +180,7 @@ class SwapEngine:
     def fingerprint_now(self) -> str:
         """sha256 of the base weights as they are now, with any applied residual removed first.
 
-        Equals `self.fingerprint` as long as every swap restored exactly.
+        Equals `self.resident_fingerprint` as long as every swap restored exactly.
         """
         with self._lock:
             self._restore_locked()
@@ -166,7 +189,10 @@ class SwapEngine:
     def _apply_locked(self, key: Hashable, residual: PackedResidual | FlatResidual) -> None:
         flat = residual.unpack()  # int64 index, kept for the restore: unpacked once per switch
         with torch.no_grad():
-            saved = apply_residual(self.flat.buffer, flat)
+            if self.weights.exact:
+                saved = apply_residual(self.flat.buffer, flat)
+            else:
+                saved = apply_targets(self.flat.buffer, flat)
         self._applied = _Applied(key, flat.index, saved)
 
     def _restore_locked(self) -> None:

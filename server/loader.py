@@ -17,7 +17,8 @@ import torch
 
 from residual_store import PackedResidual, Residual, check_compatible, from_bytes
 from residual_store.errors import IntegrityError, ResidualFormatError, ResidualMismatch
-from server.cache import CachedResidual, cached_nbytes, resident_form
+from server.cache import CachedResidual, cached_nbytes
+from server.precision_guard import PrecisionRefused, check_served_precision
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ def refusal_reason(exc: BaseException) -> str | None:
         return "invalid_format"
     if isinstance(exc, IntegrityError):
         return "integrity"
+    if isinstance(exc, PrecisionRefused):
+        return "precision"
     return None
 
 
@@ -63,10 +66,12 @@ class HostTier:
 class ResidualLoader:
     """`(task, version, sha256) -> CachedResidual`: fetch, verify, validate, upload."""
 
-    def __init__(self, store, engine, metrics=None, host_tier_bytes: int = 0):
+    def __init__(self, store, engine, metrics=None, host_tier_bytes: int = 0,
+                 max_precision_drop: float = 0.5):
         self.store = store
         self.engine = engine
         self.metrics = metrics
+        self.max_precision_drop = max_precision_drop  # points; see server/precision_guard.py
         cuda = engine.device is not None and engine.device.type == "cuda"
         self.host_tier = HostTier(host_tier_bytes) if cuda and host_tier_bytes > 0 else None
         self._stream = torch.cuda.Stream(engine.device) if cuda else None
@@ -98,7 +103,7 @@ class ResidualLoader:
         staged = self.host_tier.get(key) if self.host_tier is not None else None
         if staged is None:
             residual = self.fetch(task, version, sha256)
-            host_flat = resident_form(residual, self.engine.layout, self.engine.flat.buffer.dtype)
+            host_flat = self.engine.resident_form(residual)  # fp32 deltas or bf16 targets
             if self._stream is not None:
                 host_flat = host_flat.pin_memory()
                 if self.host_tier is not None:  # no host tier when its budget is 0
@@ -107,6 +112,8 @@ class ResidualLoader:
             residual, host_flat = staged
         flat, head = self._upload(residual, host_flat)
         nbytes = cached_nbytes(flat, head)
+        if self.metrics is not None:
+            self.metrics.task_precision(task, self.engine.precision)
         return CachedResidual(task=task, sha256=sha256, version=version, flat=flat, head=head,
                               classes=tuple(residual.classes), nnz=residual.nnz, dsp=residual.dsp,
                               nbytes=nbytes)
@@ -121,6 +128,7 @@ class ResidualLoader:
         residual = from_bytes(blob)
         check_compatible(residual, self.engine.layout, self.engine.fingerprint, self.engine.embed_dim,
                          activation=self.engine.activation)
+        check_served_precision(residual, self.engine.precision, self.max_precision_drop)
         return residual
 
     def _upload(self, residual: Residual, host_flat: PackedResidual):

@@ -12,6 +12,8 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from residual_store.precision import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -19,7 +21,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _SWAP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The reason labels server.loader.refusal_reason and the catalog give (a closed set).
-REFUSAL_REASONS = ("base_mismatch", "invalid_format", "integrity", "load_failed")
+REFUSAL_REASONS = ("base_mismatch", "invalid_format", "integrity", "load_failed", "precision")
 
 
 def _safe(method):
@@ -69,6 +71,9 @@ class Metrics:
         self.cache_entries = Gauge("uda_residual_cache_entries", "Resident residuals", registry=r)
         self.task_resident = Gauge("uda_task_resident", "1 when the task's residual is resident",
                                    ["task"], registry=r)
+        self.task_precision_info = Gauge(
+            "uda_task_precision", "1 for the precision (fp32, bf16) a loaded task is served in",
+            ["task", "precision"], registry=r)
         self.queue_depth = Gauge("uda_queue_depth", "Requests waiting over all tasks", registry=r)
         self.tasks_published = Gauge("uda_tasks_published", "Tasks in the store the server knows",
                                      registry=r)
@@ -125,6 +130,10 @@ class Metrics:
         self.task_resident.labels(task=task).set(1 if is_resident else 0)
 
     @_safe
+    def task_precision(self, task: str, precision: str) -> None:
+        self.task_precision_info.labels(task=task, precision=precision).set(1)
+
+    @_safe
     def queue(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
@@ -155,3 +164,8 @@ class Metrics:
             self.task_resident.remove(task)
         except KeyError:
             pass
+        for precision in PRECISIONS:
+            try:
+                self.task_precision_info.remove(task, precision)
+            except KeyError:
+                pass

@@ -45,7 +45,7 @@ class ServeRuntime:
         self.config = config
         self.metrics = Metrics()
         self.store = open_store(config.store)
-        self.engine = SwapEngine(config.base_spec(), config.device)
+        self.engine = SwapEngine(config.base_spec(), config.device, config.precision)
         self.engines: list[SwapEngine] = [self.engine]  # + replicas with --streams
         self.threads_per_stream = torch.get_num_threads()
         self._threads_before: int | None = None  # torch's setting, put back by stop()
@@ -74,7 +74,8 @@ class ServeRuntime:
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_s, cfg.max_queue,
                                on_depth=self.metrics.queue, streams=cfg.streams)
         self.metrics.capacity(cfg.max_queue)
-        loader = ResidualLoader(self.store, self.engine, self.metrics, host_tier_bytes=cfg.cache_bytes)
+        loader = ResidualLoader(self.store, self.engine, self.metrics, host_tier_bytes=cfg.cache_bytes,
+                                max_precision_drop=cfg.max_precision_drop)
         self.cache = ResidualCache(cfg.cache_bytes, loader, metrics=self.metrics,
                                    on_change=self.batcher.notify)
         for task in cfg.pin:
@@ -204,6 +205,7 @@ class ServeRuntime:
         return {"base_model": self.engine.spec.model,
                 "base_pretrained": self.engine.spec.pretrained_label,
                 "fingerprint": self.engine.fingerprint,
+                "precision": self.engine.precision,
                 "device": str(self.engine.device) if self.engine.device else None,
                 "store": self.store.url}
 
@@ -269,7 +271,8 @@ class ServeRuntime:
             "task": tv.task, "version": tv.version, "sha256": tv.sha256,
             "classes": tv.classes, "nnz": entry.nnz if entry else None,  # known once loaded
             "dsp": tv.dsp, "resident": entry is not None, "pinned": tv.task in self.cache.pinned,
-            "servable": True, "refused": _refusal_dict(refusal) if refusal else None,
+            "precision": self.engine.precision, "servable": True,
+            "refused": _refusal_dict(refusal) if refusal else None,
         }
 
     # -- admin -------------------------------------------------------------------------------------

@@ -27,11 +27,13 @@ import torch
 from residual_store.atomic import atomic_write
 from residual_store.base import BaseSpec, fingerprint
 from residual_store.errors import ResidualStoreError, one_line
-from residual_store.flat import FlatParams
+from residual_store.flat import ParamLayout
 from residual_store.head import CosineHead
 from residual_store.numerics import fp32_precision
-from residual_store.residual import Residual, check_compatible, extract, from_bytes, make_residual, to_bytes
-from residual_store.swap import apply_residual
+from residual_store.precision import ACCURACY_KEY, AGREEMENT_KEY, PRECISIONS, encode, served_weights
+from residual_store.residual import (FlatResidual, Residual, check_compatible, extract, from_bytes,
+                                     make_residual, to_bytes)
+from residual_store.swap import apply_residual, apply_targets
 from trainer import data, metrics
 from trainer.errors import PublishError
 from trainer.loop import LOG_FILE, Trainer, TrainResult
@@ -90,8 +92,9 @@ def validated_bytes(residual: Residual, trainer: Trainer) -> bytes:
 @torch.no_grad()
 def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: int,
                       device: torch.device, batch_size: int = 64, workers: int = 0,
-                      skipped: list[data.Skipped] | None = None) -> Evaluation:
-    """Load the exported residual onto a freshly built base and predict every target image.
+                      skipped: list[data.Skipped] | None = None, precision: str = "fp32") -> Evaluation:
+    """Load the exported residual onto a freshly built base and predict every target image,
+    with the weights in `precision` as `uda-serve --precision` serves them.
 
     An image that cannot be read any more is left out and appended to `skipped` (the run's
     list, so a file that already failed in training is not reported twice).
@@ -101,19 +104,38 @@ def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: in
         model = spec.build(device)
         visual = model.visual.float()
         del model
-        flat = FlatParams(visual)
         residual = from_bytes(blob)
-        check_compatible(residual, flat.layout, fingerprint(visual), embed_dim_of(visual))
-        apply_residual(flat.buffer, residual.to_flat(flat.layout, flat.buffer.dtype, device))
+        check_compatible(residual, ParamLayout.of(visual), fingerprint(visual), embed_dim_of(visual))
+        weights = served_weights(visual, precision)
+        resident = weights.resident(residual.to_flat(weights.flat.layout, torch.float32))
+        apply = apply_residual if weights.exact else apply_targets
+        apply(weights.flat.buffer, FlatResidual(resident.index.to(device), resident.values.to(device)))
         head = residual.build_head().to(device)
         logits, labels = [], []
         loader = data.eval_loader(domain, size, batch_size, workers)
         for x, y in data.readable_batches(loader, [] if skipped is None else skipped):
-            logits.append(head(visual(x.to(device))).float().cpu())
+            logits.append(head(encode(visual, x.to(device), weights.dtype)).float().cpu())
             labels.append(y)
         if not logits:  # every target image broke after the scan: accuracy is nan, not a crash
             logits, labels = [torch.empty(0, len(residual.classes))], [torch.empty(0, dtype=torch.long)]
         return Evaluation(torch.cat(logits), torch.cat(labels), time.perf_counter() - started)
+
+
+def precision_record(blob: bytes, trainer: Trainer, fp32: Evaluation
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """Target accuracy of the artifact in every serving precision, and the share of its top-1
+    predictions equal to fp32's: ({precision: accuracy}, {precision: agreement})."""
+    accuracy, agreement = {"fp32": fp32.accuracy}, {}
+    for precision in PRECISIONS[1:]:
+        other = evaluate_artifact(blob, trainer.spec, trainer.eval_domain, trainer.input_size,
+                                  trainer.device, trainer.cfg.eval_batch_size, trainer.cfg.workers,
+                                  [], precision)
+        accuracy[precision] = other.accuracy
+        same = other.logits.argmax(1) == fp32.logits.argmax(1)
+        agreement[precision] = float(same.float().mean()) if len(same) == len(fp32.labels) else None
+        logger.info("target accuracy in %s: %.2f%% (fp32 %.2f%%), top-1 agreement %s", precision,
+                    100 * other.accuracy, 100 * fp32.accuracy, agreement[precision])
+    return accuracy, agreement
 
 
 def embed_dim_of(visual: torch.nn.Module) -> int:
@@ -147,12 +169,14 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         summary = metrics.classification_summary(evaluation.logits, evaluation.labels,
                                                  trainer.class_names)
         accuracy, evaluated, eval_seconds = evaluation.accuracy, len(evaluation.labels), evaluation.seconds
+        by_precision, agreement = precision_record(artifact.read_bytes(), trainer, evaluation)
         evaluated_on: dict[str, Any] | None = {
             "what": trainer.eval_description, "images": evaluated,
             "note": "the exported residual on a fresh base, serving transform"}
     else:  # an unlabelled target and no --target-eval: nothing to measure against
         summary = {"mean_class_accuracy": None, "per_class": None, "confusion": None}
         accuracy, evaluated, eval_seconds, evaluated_on = None, 0, 0.0, None
+        by_precision, agreement = None, None
     encoder_params = trainer.flat.layout.numel
     warnings = []
     if evaluated_on is None:
@@ -167,6 +191,8 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "target_accuracy_note": None if evaluated_on is not None else NOT_MEASURED,
         "mean_class_accuracy": summary["mean_class_accuracy"],
         "target_images": evaluated,
+        ACCURACY_KEY: by_precision,  # what uda-serve --precision bf16 checks before serving
+        AGREEMENT_KEY: agreement,
         "target_train_images": len(trainer.target.files),
         "source_images": len(trainer.source.files),
         "dsp": residual.dsp,
