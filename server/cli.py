@@ -93,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: the open-files limit less 128, at most 4096")
     p.add_argument("--grace-period", type=float, default=d.grace_period,
                    help="seconds SIGTERM waits for queued requests")
+    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=d.docs,
+                   help="serve the API page /docs (Swagger UI from an installed wheel, no CDN)")
     return p
 
 
 def listen_address(args: argparse.Namespace, problems: list[str]) -> tuple[str, int]:
     """--host/--port, else $UDA_HOST/$UDA_PORT, else ServeConfig's defaults."""
     host = getattr(args, "host", None) or os.environ.get(HOST_ENV) or ServeConfig.host
-    p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=d.docs,
-                   help="serve the API page /docs (Swagger UI from an installed wheel, no CDN)")
     port = getattr(args, "port", None)
     if port is None:
         raw = os.environ.get(PORT_ENV, "").strip()
@@ -207,9 +207,9 @@ def _print_url(runtime, port: int) -> None:
     example = sorted(tasks)[0] if tasks else "TASK"
     print(f"  send requests to http://{host}:{port}/predict?task={example}"
           f"  (curl -F file=@image.jpg 'http://{host}:{port}/predict?task={example}')", flush=True)
+    pages = f"http://{host}:{port}/ui" + (f" and the API at http://{host}:{port}/docs" if cfg.docs else "")
+    print(f"  try it in a browser: {pages}", flush=True)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-    pages = f"http://{host}:{port}/ui" + (f" and the API at http://{host}:{port}/docs" if cfg.docs else "")
-    print(f"  try it in a browser: {pages}", flush=True)
