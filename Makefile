@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STORE ?= ./residuals
 
-.PHONY: venv test run redis prometheus haproxy clean
+.PHONY: venv test run redis prometheus haproxy chromium clean
 
 # A venv whose creation failed half-way (Debian without python3.11-venv leaves a python but
 # no pip) is made again rather than reused.
@@ -35,7 +35,12 @@ prometheus:
 haproxy:
 	@scripts/ensure-haproxy.sh
 
-test: venv redis prometheus haproxy
+# tests/integration/test_browser_ui.py drives Debian's chromium headless through chromedriver;
+# its screenshots land in test-artifacts/.
+chromium:
+	@scripts/ensure-chromium.sh
+
+test: venv redis prometheus haproxy chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job on the embedded default: serve the directory store with the tiny backbone
