@@ -109,6 +109,8 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     cfg = config
 
     def task_known(request: Request, task: str):
+        """For inference routes only: metadata and readiness calls that name a task are not
+        inference requests, so they stay out of uda_requests_total and the latency histogram."""
         tv = runtime.require_task(task)
         request.state.uda_task = task  # a published name: safe as a metric label
         return tv
@@ -169,22 +171,22 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
 
     @app.get("/v2/models/{task}", responses=_TASK_ERRORS)
     async def v2_model(request: Request, task: str = _task_path()):
-        return v2_model_body(task_known(request, task))
+        return v2_model_body(runtime.require_task(task))
 
     @app.get("/v2/models/{task}/ready", responses=_TASK_ERRORS)
     async def v2_model_ready(request: Request, task: str = _task_path()):
-        tv = task_known(request, task)
+        tv = runtime.require_task(task)
         return {"name": task, "ready": True, "resident": runtime.cache.peek(tv.key) is not None}
 
     @app.get("/v2/models/{task}/versions/{version}", responses=_TASK_ERRORS)
     async def v2_model_version(request: Request, task: str = _task_path(), version: int = _version_path()):
-        task_known(request, task)
+        runtime.require_task(task)
         return v2_model_body(await oip.require_version(runtime, task, version))
 
     @app.get("/v2/models/{task}/versions/{version}/ready", responses=_TASK_ERRORS)
     async def v2_model_version_ready(request: Request, task: str = _task_path(),
                                      version: int = _version_path()):
-        task_known(request, task)
+        runtime.require_task(task)
         tv = await oip.require_version(runtime, task, version)
         return {"name": task, "version": str(version), "ready": True,
                 "resident": runtime.cache.peek(tv.key) is not None}

@@ -397,6 +397,7 @@ class Catalog:
         if self.metrics is not None:
             self.metrics.published(count)
             self.metrics.resident(candidate.task, self.cache.peek(candidate.key) is not None)
+            self.metrics.served_version(candidate.task, candidate.version)
         if candidate.task in self.cache.pinned and self.cache.peek(candidate.key) is None:
             self.cache.load_async(candidate.task, candidate.version, candidate.sha256)
         self._on_change()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from residual_store.precision import PRECISIONS
@@ -46,6 +47,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._warned = False
         r = self.registry
+        # CPU, memory, open files and start time of this process (process_*; Linux only, empty
+        # elsewhere) and the Python version (python_info): what the default registry would have.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.request_duration = Histogram(
             "uda_request_duration_seconds", "Time from receiving a request to its answer",
             ["task"], registry=r, buckets=_LATENCY_BUCKETS)
@@ -74,6 +79,9 @@ class Metrics:
         self.task_precision_info = Gauge(
             "uda_task_precision", "1 for the precision (fp32, bf16) a loaded task is served in",
             ["task", "precision"], registry=r)
+        # Which version each replica serves: during a rollout of a task, replicas may disagree.
+        self.task_version = Gauge("uda_task_version", "Version of the task's residual this server serves",
+                                  ["task"], registry=r)
         self.queue_depth = Gauge("uda_queue_depth", "Requests waiting over all tasks", registry=r)
         self.tasks_published = Gauge("uda_tasks_published", "Tasks in the store the server knows",
                                      registry=r)
@@ -134,6 +142,10 @@ class Metrics:
         self.task_precision_info.labels(task=task, precision=precision).set(1)
 
     @_safe
+    def served_version(self, task: str, version: int) -> None:
+        self.task_version.labels(task=task).set(version)
+
+    @_safe
     def queue(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
@@ -160,10 +172,11 @@ class Metrics:
     @_safe
     def forget_task(self, task: str) -> None:
         """A deleted task leaves the per-task gauge (counters keep their history)."""
-        try:
-            self.task_resident.remove(task)
-        except KeyError:
-            pass
+        for gauge in (self.task_resident, self.task_version):
+            try:
+                gauge.remove(task)
+            except KeyError:
+                pass
         for precision in PRECISIONS:
             try:
                 self.task_precision_info.remove(task, precision)
