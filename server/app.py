@@ -67,7 +67,17 @@ _V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"
         "inputs": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "datatype": {"const": "BYTES"},
             "shape": {"type": "array", "items": {"type": "integer"}},
-            "data": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}}}}}}}}}}}
+            "data": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+            "parameters": {"type": "object"}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"enum": list(oip.OUTPUTS)},
+            "parameters": {"type": "object", "properties": {
+                "binary_data": {"type": "boolean"},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "classification": {"type": "integer", "minimum": 1, "maximum": 1000}}}}}},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}}}}}},
+    "description": "JSON; or JSON then binary tensor data (Triton's binary_tensor_data extension: "
+                   "header Inference-Header-Content-Length, inputs with parameters.binary_data_size)"}}
 _INFER_ERRORS = _errors(400, 404, 408, 413, 415, 422, 429, 499, 503)
 _TASK_ERRORS = _errors(404, 422, 503)
 _ADMIN_ERRORS = _errors(401, 403, 404, 422, 503)
@@ -143,13 +153,12 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
               openapi_extra=_V2_BODY)
     async def v2_infer_version(request: Request, task: str = _task_path(), version: int = _version_path()):
         task_known(request, task)
-        await oip.require_version(runtime, task, version)
-        return await _v2_infer(request, task)
+        return await _v2_infer(request, task, await oip.require_version(runtime, task, version))
 
-    async def _v2_infer(request: Request, task: str):
+    async def _v2_infer(request: Request, task: str, version=None):
         infer = await oip.read_infer_request(request, cfg.max_batch, cfg.max_image_bytes,
                                              cfg.request_timeout, cfg.max_json_bytes or None)
-        result = await unless_client_leaves(request, runtime.infer(task, infer.images))
+        result = await unless_client_leaves(request, runtime.infer(task, infer.images, version))
         return oip.infer_response(result, infer)
 
     # -- Open Inference Protocol v2 metadata and health ----------------------------------------

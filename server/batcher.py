@@ -37,10 +37,19 @@ class PendingRequest:
     enqueued: float  # batcher clock at submit
     deadline: float  # batcher clock after which nobody waits for the answer any more
     resolve: Callable[[Any], None]  # thread-safe: result object or exception
+    # A TaskVersion other than the served one, asked for by version (OIP's versions/V/infer);
+    # None: whatever version of `task` is served when the batch runs.
+    pinned: Any = None
 
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def queue(self) -> str:
+        """The queue it waits in: its task's, or `task@version` for a pinned version (task names
+        have no `@`), so a batch never mixes two versions of a task."""
+        return self.task if self.pinned is None else f"{self.task}@{self.pinned.version}"
 
 
 class Batcher:
@@ -73,7 +82,7 @@ class Batcher:
             if self._depth >= self.max_queue:
                 raise QueueFull(f"{self._depth} requests queued (--max-queue {self.max_queue}); "
                                 "retry shortly")
-            self._queues.setdefault(request.task, deque()).append(request)
+            self._queues.setdefault(request.queue, deque()).append(request)
             self._depth += 1
             self._on_depth(self._depth)
             self._wake()
@@ -83,12 +92,12 @@ class Batcher:
         now, so it holds no --max-queue slot until the model thread's next look. One already
         taken into a batch runs; its answer is dropped."""
         with self.cond:
-            q = self._queues.get(request.task)
+            q = self._queues.get(request.queue)
             if q is None or request not in q:  # eq=False: identity
                 return
             q.remove(request)
             if not q:
-                del self._queues[request.task]
+                del self._queues[request.queue]
             self._depth -= 1
             self._on_depth(self._depth)
 
@@ -118,8 +127,15 @@ class Batcher:
         return self._depth
 
     def pending_tasks(self) -> list[str]:
+        """Queues holding requests: task names, and `task@version` for pinned versions."""
         with self.cond:
             return [task for task, q in self._queues.items() if q]
+
+    def head(self, queue: str) -> PendingRequest | None:
+        """The first request waiting in `queue`, if any."""
+        with self.cond:
+            q = self._queues.get(queue)
+            return q[0] if q else None
 
     def oldest(self, task: str) -> float | None:
         with self.cond:

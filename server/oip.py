@@ -35,6 +35,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from residual_store.errors import UnknownTask
+from residual_store.residual import base_mismatch_detail
+from server.catalog import TaskVersion
 from server.errors import ImageRejected, VersionNotServed
 from server.responses import timing
 from server.uploads import body_limit, json_body_limit, json_items_limit, read_body
@@ -342,17 +344,19 @@ def _binary(tensor: _Tensor) -> bytes:
 # -- versions ------------------------------------------------------------------------------------
 
 
-async def require_version(runtime, task: str, version: int):
-    """The served TaskVersion of `task` when it is `version`; a readable 404 otherwise, saying
-    whether the store still keeps that version (rollback brings it back) or not."""
+async def require_version(runtime, task: str, version: int) -> TaskVersion:
+    """`task` at `version`: the served TaskVersion, or an older one the store still keeps (served
+    on request, loaded into the cache like any other); a readable 404 for a version the store
+    does not have or that was trained for another base."""
     tv = runtime.require_task(task)
     if tv.version == version:
         return tv
     try:
-        await asyncio.to_thread(runtime.store.info, task, version)
+        info = await asyncio.to_thread(runtime.store.info, task, version)
     except UnknownTask:
-        raise VersionNotServed(f"task {task!r} has no version {version} in the store; this "
-                               f"server serves v{tv.version}") from None
-    raise VersionNotServed(f"task {task!r} v{version} is kept in the store but not served: this "
-                           f"server serves v{tv.version} (uda-store rollback {task} {version} "
-                           "serves it again)")
+        raise VersionNotServed(f"task {task!r} has no version {version} in the store (v{tv.version} "
+                               "is served; uda-store versions lists the ones kept)") from None
+    if info.metadata.get("base_fingerprint") != runtime.engine.fingerprint:
+        detail = base_mismatch_detail(info.metadata, runtime.engine.fingerprint, runtime.engine.activation)
+        raise VersionNotServed(f"task {task!r} v{version} cannot run on this server's base: {detail}")
+    return TaskVersion(task, info.version, info.sha256, info.metadata)

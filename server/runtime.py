@@ -215,9 +215,12 @@ class ServeRuntime:
         self._require_started()
         return self.catalog.require(task)
 
-    async def infer(self, task: str, uploads: list[tuple[str, bytes]]) -> BatchResult:
-        """Scores of every upload under `task`'s current residual."""
-        self.require_task(task)
+    async def infer(self, task: str, uploads: list[tuple[str, bytes]],
+                    version: TaskVersion | None = None) -> BatchResult:
+        """Scores of every upload under `task`'s current residual, or under `version` (one the
+        store keeps, asked for by number; loaded into the cache like any other)."""
+        served = self.require_task(task)
+        pinned = version if version is not None and version.version != served.version else None
         if not uploads:
             raise ImageRejected("bad_request", "no image: send one or more multipart `file` "
                                                "fields or an image/* body")
@@ -236,7 +239,7 @@ class ServeRuntime:
         future: asyncio.Future = loop.create_future()
         now = self.batcher.clock()
         request = PendingRequest(task, images, now, now + left,
-                                 lambda value: _settle_from_thread(loop, future, value))
+                                 lambda value: _settle_from_thread(loop, future, value), pinned)
         self.batcher.submit(request)
         try:
             return await asyncio.wait_for(future, left)

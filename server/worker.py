@@ -122,10 +122,11 @@ class ModelWorker:
         return True
 
     def _ready_tasks(self) -> dict[str, object]:
-        """task -> (TaskVersion, entry) for queued tasks whose residual is resident; starts
-        loads for the others and fails requests whose task cannot be served."""
+        """queue -> (TaskVersion, entry) for queues whose residual is resident; starts loads for
+        the others and fails requests whose task (or pinned version) cannot be served."""
         ready = {}
-        pending = self.batcher.pending_tasks()
+        queues = self.batcher.pending_tasks()
+        pending = {queue.partition("@")[0] for queue in queues}
         # Kept: loads still running, and failures not yet told to the requests that waited for
         # them. A finished future holds its CachedResidual, device memory beyond --cache-bytes
         # once the cache evicted it (with --streams 2 the other thread may run every batch of
@@ -133,11 +134,13 @@ class ModelWorker:
         # later request with a stale error instead of loading again.
         self._loads = {key: f for key, f in self._loads.items()
                        if not f.done() or (f.exception() is not None and key[0] in pending)}
-        for task in pending:
+        for task in queues:
             try:
-                tv = self.catalog.require(task)
+                tv = self._version_of(task)
             except (UnknownTask, TaskUnavailable) as e:  # deleted, or refused, since it was queued
                 self._fail_task(task, e)
+                continue
+            if tv is None:  # a pinned queue emptied meanwhile (its client left)
                 continue
             entry = self.cache.peek(tv.key)
             if entry is not None:
@@ -146,6 +149,9 @@ class ModelWorker:
             future = self._loads.get(tv.key)
             if future is None:
                 self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
+            elif future.done() and task != tv.task:  # a pinned version failed: only it is at fault
+                del self._loads[tv.key]
+                self._fail_task(task, self._unavailable(tv, future.exception()))
             elif future.done():  # failed: finished successful loads were dropped above
                 error = future.exception()
                 # A version trimmed by newer publishes before it was loaded: serve the newest
@@ -158,6 +164,16 @@ class ModelWorker:
                 self.catalog.refuse_loaded(tv, error)  # a bad file is not fetched again
                 self._fail_task(task, self._unavailable(tv, error))
         return ready
+
+    def _version_of(self, queue: str):
+        """The TaskVersion a queue's requests run: the served one, or the version its requests
+        pinned (the task must still be served: a deleted task takes its versions along)."""
+        task, _, pinned = queue.partition("@")
+        served = self.catalog.require(task)
+        if not pinned:
+            return served
+        head = self.batcher.head(queue)
+        return head.pinned if head is not None else None
 
     @staticmethod
     def _unavailable(tv, error: BaseException) -> Exception:
@@ -174,8 +190,10 @@ class ModelWorker:
 
     def _run(self, ready: tuple, requests: list[PendingRequest]) -> None:
         tv, entry = ready
-        for key in [k for k in self._loads if k[0] == tv.task]:  # this one's, and any superseded
-            del self._loads[key]
+        if requests[0].pinned is not None:
+            self._loads.pop(tv.key, None)  # the served version's loads are none of its business
+        for key in [k for k in self._loads if k[0] == tv.task and requests[0].pinned is None]:
+            del self._loads[key]  # this one's, and any superseded
         self.cache.get(entry.key)  # mark most recently used
         if self.metrics is not None:
             self.metrics.cache_hit()

@@ -1,7 +1,7 @@
 """The Open Inference Protocol v2 as a third-party client speaks it: `tritonclient.http` (PyPI)
 against a live uda-serve (uvicorn on loopback, directory store): server and model metadata,
-readiness, versioned routes, and inference in binary (its default) and JSON form, with answers
-equal to the offline reference."""
+readiness, versioned routes (the served version and an older one the store keeps), and
+inference in binary (its default) and JSON form, with answers equal to the offline reference."""
 from __future__ import annotations
 
 import base64
@@ -42,12 +42,21 @@ def residual(base):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, base, residual):
+def older(base):
+    return random_residual(base, "Ar2Cl", CLASSES[::-1], base_model="uda-tiny-vit", seed=4)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, base, residual, older):
     root = tmp_path_factory.mktemp("store")
     store = open_store(str(root))
     # v1 stays in the store, v2 is served: the versioned routes tell them apart.
-    store.publish("Ar2Cl", to_bytes(random_residual(base, "Ar2Cl", CLASSES, base_model="uda-tiny-vit", seed=4)))
+    store.publish("Ar2Cl", to_bytes(older))
     store.publish("Ar2Cl", to_bytes(residual))
+    # Pr2Rw's v1 names another base (the base was changed since): v2 is served, v1 cannot be.
+    store.publish("Pr2Rw", to_bytes(random_residual(base, "Pr2Rw", CLASSES, base_model="uda-tiny-vit", seed=7,
+                                                    base_fingerprint="0" * 64)))
+    store.publish("Pr2Rw", to_bytes(random_residual(base, "Pr2Rw", CLASSES, base_model="uda-tiny-vit", seed=6)))
     cfg = ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(root), port=0, max_batch=8)
     with EmbeddedServer(cfg) as srv:
         yield srv
@@ -90,21 +99,40 @@ def test_model_metadata_and_readiness_plain_and_versioned(triton):
     assert {o["name"] for o in meta["outputs"]} == {"class_index", "scores", "label"}
     assert triton.get_model_metadata("Ar2Cl", model_version="2") == meta
     assert triton.is_model_ready("Ar2Cl") and triton.is_model_ready("Ar2Cl", "2")
-    assert not triton.is_model_ready("Ar2Cl", "1") and not triton.is_model_ready("nope")
-    for version in ("1", "9"):  # kept in the store but not served; never published
-        with pytest.raises(InferenceServerException) as e:
-            triton.get_model_metadata("Ar2Cl", model_version=version)
-        assert "unknown version" in str(e.value)
+    older = triton.get_model_metadata("Ar2Cl", model_version="1")  # kept in the store
+    assert older["versions"] == ["1"] and older["parameters"]["classes"] == CLASSES[::-1]
+    assert triton.is_model_ready("Ar2Cl", "1")
+    assert not triton.is_model_ready("Ar2Cl", "9") and not triton.is_model_ready("nope")
+    with pytest.raises(InferenceServerException) as e:
+        triton.get_model_metadata("Ar2Cl", model_version="9")
+    assert "unknown version" in str(e.value)
 
 
 def test_versioned_404s_explain_what_is_served(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
-        kept = http.get("/v2/models/Ar2Cl/versions/1")
-        assert kept.status_code == 404 and "kept in the store but not served" in kept.json()["detail"]
-        assert "serves v2" in kept.json()["detail"]
         gone = http.post("/v2/models/Ar2Cl/versions/9/infer", json={"inputs": []})
         assert gone.status_code == 404 and "no version 9" in gone.json()["detail"]
+        assert "v2 is served" in gone.json()["detail"]
+        foreign = http.get("/v2/models/Pr2Rw/versions/1/ready")
+        assert foreign.status_code == 404 and "cannot run on this server's base" in foreign.json()["detail"]
+        assert http.get("/v2/models/Pr2Rw").json()["versions"] == ["2"]
         assert http.get("/v2/models/Ar2Cl/versions/zero").status_code == 422
+
+
+def test_an_older_version_kept_in_the_store_is_served_on_request(triton, base, residual, older):
+    expected_v1 = expected_scores(base, older, IMAGES)
+    expected_v2 = expected_scores(base, residual, IMAGES)
+    for version, expected in (("1", expected_v1), ("2", expected_v2), ("1", expected_v1), ("", expected_v2)):
+        result = triton.infer("Ar2Cl", [image_input(IMAGES, True)], model_version=version,
+                              outputs=[httpclient.InferRequestedOutput("scores"),
+                                       httpclient.InferRequestedOutput("label", binary_data=False)])
+        response = result.get_response()
+        assert response["model_version"] == (version or "2")
+        torch.testing.assert_close(torch.from_numpy(result.as_numpy("scores").copy()), expected, rtol=0, atol=1e-5)
+        classes = CLASSES[::-1] if version == "1" else CLASSES
+        assert response["parameters"]["classes"] == classes
+        labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label").tolist()]
+        assert labels == [classes[i] for i in expected.argmax(1).tolist()]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

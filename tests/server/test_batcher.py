@@ -216,3 +216,20 @@ def test_a_notification_between_the_look_and_the_wait_is_not_lost():
     assert not woke.wait(0.2)
     b.notify()
     assert woke.wait(10)
+
+
+def test_a_pinned_version_waits_in_its_own_queue_and_never_shares_a_batch():
+    clock = Clock()
+    b = make(clock, max_batch=8)
+
+    class Version:  # what the batcher reads of a pinned TaskVersion
+        version = 1
+
+    served = submit(b, clock, "A")
+    clock.t += 0.001
+    pinned = PendingRequest("A", torch.zeros(1, 3, 2, 2), clock(), clock() + 30, lambda v: None, Version())
+    b.submit(pinned)
+    assert sorted(b.pending_tasks()) == ["A", "A@1"] and b.head("A@1") is pinned
+    assert b.pick(None, everyone) == ("A", [served])
+    b.cancel(pinned)  # its client left: the queue goes with it
+    assert b.pending_tasks() == [] and b.depth == 0 and b.head("A@1") is None
