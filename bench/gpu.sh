@@ -51,7 +51,7 @@ elif [ "$device" = cuda ]; then
     # full models fit in 40 GiB; reloads (330 MB host -> device each) bound the peers' time.
     peers=(--batches 60,30 --repeats 3 --memory-cap-gib 40)
     scale=()
-    precision=(--images 256 --batch 64)
+    precision=(--batches 1,64 --repeats 20)  # speed only unless given uda-train workdirs
 else
     peers=() scale=() precision=()
 fi

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from residual_store.flat import FlatParams
+from residual_store.flat import FlatParams, ParamLayout
 from residual_store.residual import FlatResidual
 
 PRECISIONS = ("fp32", "bf16")  # what uda-serve --precision offers; fp32 first: the reference
@@ -42,6 +42,7 @@ class ServedWeights:
     flat: FlatParams  # the resident weights (views of flat.buffer), in `dtype`
     master: torch.Tensor | None  # fp32 flat base on the host (None in fp32: flat.buffer is it)
     dtype: torch.dtype
+    layout: ParamLayout  # the fp32 base's: what residuals are checked against and flattened over
 
     @property
     def exact(self) -> bool:
@@ -68,10 +69,10 @@ def served_weights(visual: nn.Module, precision: str, huge_pages: bool | None = 
     dtype = check_precision(precision)
     flat = FlatParams(visual, huge_pages)
     if dtype == flat.buffer.dtype:
-        return ServedWeights(flat, None, dtype)
+        return ServedWeights(flat, None, dtype, flat.layout)
     master = flat.buffer.cpu()  # same storage on a CPU; the device's fp32 copy is freed on a GPU
     visual.to(dtype)  # new storage: the parameters leave the fp32 buffer
-    return ServedWeights(FlatParams(visual, huge_pages), master, dtype)
+    return ServedWeights(FlatParams(visual, huge_pages), master, dtype, flat.layout)
 
 
 def encode(visual: nn.Module, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

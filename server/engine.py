@@ -126,7 +126,7 @@ class SwapEngine:
         twin.activation, twin.fingerprint = self.activation, self.fingerprint
         twin.flat = FlatParams(model.visual)  # the copy's parameters, rebound to a fresh buffer
         # The fp32 master is only read (at load time): the replicas share it.
-        twin.weights = ServedWeights(twin.flat, self.weights.master, self.dtype)
+        twin.weights = ServedWeights(twin.flat, self.weights.master, self.dtype, self.weights.layout)
         twin.model = model
         twin.resident_fingerprint = fingerprint(model.visual)
         if twin.resident_fingerprint != self.resident_fingerprint:
@@ -139,10 +139,15 @@ class SwapEngine:
     def layout(self):
         return self.flat.layout
 
+    @property
+    def residual_layout(self):
+        """The fp32 base's layout, which residuals are validated against (= layout in fp32)."""
+        return self.weights.layout
+
     def resident_form(self, residual: Residual) -> PackedResidual:
         """What the cache keeps of `residual` for this engine (on the host): its flat deltas in
         fp32, or its bf16 target values; packed."""
-        return PackedResidual.pack(self.weights.resident(residual.to_flat(self.layout)))
+        return PackedResidual.pack(self.weights.resident(residual.to_flat(self.residual_layout)))
 
     @property
     def applied_key(self) -> Hashable | None:

@@ -126,7 +126,7 @@ class ResidualLoader:
             raise IntegrityError(f"{task} v{version}: blob sha256 {actual[:12]} differs from the "
                                  f"announced {sha256[:12]}")
         residual = from_bytes(blob)
-        check_compatible(residual, self.engine.layout, self.engine.fingerprint, self.engine.embed_dim,
+        check_compatible(residual, self.engine.residual_layout, self.engine.fingerprint, self.engine.embed_dim,
                          activation=self.engine.activation)
         check_served_precision(residual, self.engine.precision, self.max_precision_drop)
         return residual

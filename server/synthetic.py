@@ -46,16 +46,20 @@ def random_residual(model: nn.Module, task: str, classes: list[str], *, base_mod
                          base_activation=base_activation or model_activation(model))
 
 
-def reference_scores(model: nn.Module, residual: Residual, images: torch.Tensor) -> torch.Tensor:
-    """softmax(head(visual_with_residual(images))), computed on a copy of the encoder."""
+def reference_scores(model: nn.Module, residual: Residual, images: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """softmax(head(visual_with_residual(images))), computed on a copy of the encoder. With a
+    `dtype` of bf16 the deltas are added in fp32 and the whole encoder is then cast: what
+    rounding each target once (`uda-serve --precision bf16`) must give."""
     visual = copy.deepcopy(model.visual).eval()
     params = dict(visual.named_parameters())
     with torch.no_grad():
         for name, (idx, values) in residual.deltas.items():
             flat = params[name].data.view(-1)
             flat[idx.to(torch.int64)] += values.to(flat.dtype)
+        visual.to(dtype)
         head = residual.build_head()
-        return torch.softmax(head(visual(images)), dim=-1)
+        return torch.softmax(head(visual(images.to(dtype)).float()), dim=-1)
 
 
 def image_bytes(seed: int = 0, size: int = 40, fmt: str = "PNG") -> bytes:

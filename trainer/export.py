@@ -107,7 +107,7 @@ def evaluate_artifact(blob: bytes, spec: BaseSpec, domain: data.Domain, size: in
         residual = from_bytes(blob)
         check_compatible(residual, ParamLayout.of(visual), fingerprint(visual), embed_dim_of(visual))
         weights = served_weights(visual, precision)
-        resident = weights.resident(residual.to_flat(weights.flat.layout, torch.float32))
+        resident = weights.resident(residual.to_flat(weights.layout))
         apply = apply_residual if weights.exact else apply_targets
         apply(weights.flat.buffer, FlatResidual(resident.index.to(device), resident.values.to(device)))
         head = residual.build_head().to(device)
@@ -129,7 +129,7 @@ def precision_record(blob: bytes, trainer: Trainer, fp32: Evaluation
     for precision in PRECISIONS[1:]:
         other = evaluate_artifact(blob, trainer.spec, trainer.eval_domain, trainer.input_size,
                                   trainer.device, trainer.cfg.eval_batch_size, trainer.cfg.workers,
-                                  [], precision)
+                                  list(trainer.skipped), precision)  # a copy: warned once
         accuracy[precision] = other.accuracy
         same = other.logits.argmax(1) == fp32.logits.argmax(1)
         agreement[precision] = float(same.float().mean()) if len(same) == len(fp32.labels) else None
