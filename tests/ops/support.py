@@ -5,12 +5,13 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -22,6 +23,8 @@ DOCKER = ROOT / "docker"
 KUSTOMIZE = DEPLOY / "kubernetes"
 # What users apply (kubectl apply -k): one overlay per image flavour over the shared base.
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
+# Kustomize components a user adds to an overlay (`components:`), built over each overlay.
+COMPONENTS = ("components/monitoring", "components/ingress-tls")
 RULES = DEPLOY / "prometheus" / "rules" / "uda-alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
 
@@ -39,6 +42,48 @@ def rule_expressions() -> list[tuple[str, str]]:
     """(alert or record name, PromQL) for every rule of deploy/prometheus/rules."""
     groups = yaml.safe_load(RULES.read_text())["groups"]
     return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """Every non-empty YAML document of a file."""
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    """What `kubectl kustomize directory` prints (kubectl ships kustomize; the real one, not a
+    model of it)."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        missing_tool("kubectl is not installed: it builds the kustomizations of deploy/kubernetes")
+    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{done.stderr}", pytrace=False)
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def pod_spec(resource: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod spec inside a Deployment/StatefulSet/Job/..., or None."""
+    spec = resource.get("spec", {})
+    if resource["kind"] == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    return spec.get("template", {}).get("spec")
+
+
+def set_image(directory: Path, arg: str) -> None:
+    """`kustomize edit set image NAME=NEWNAME:NEWTAG` run in `directory` (the README's one
+    edit; kubectl has no `edit`): the entry for NAME is replaced or added, entries sorted by
+    name, as kustomize writes them. The result is then built by the real kustomize."""
+    name, sep, new = arg.partition("=")
+    new_name, colon, new_tag = new.rpartition(":")
+    if not (sep and colon and name and new_name and new_tag) or "/" in new_tag or "@" in new:
+        raise ValueError(f"only `set image NAME=NEWNAME:NEWTAG` is modelled, not {arg!r}")
+    path = directory / "kustomization.yaml"
+    kust = yaml.safe_load(path.read_text())
+    images = {i["name"]: i for i in kust.get("images", [])}
+    images[name] = {"name": name, "newName": new_name, "newTag": new_tag}
+    kust["images"] = [images[n] for n in sorted(images)]
+    path.write_text(yaml.safe_dump(kust, sort_keys=False))
 
 
 def k8s_expand(container: dict) -> list[str]:

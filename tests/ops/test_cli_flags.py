@@ -15,8 +15,7 @@ import yaml
 from server import cli as serve_cli
 from trainer import cli as train_cli
 
-from .kustomize_lite import load_documents, pod_spec, render
-from .support import DOCKER, KUSTOMIZE, OVERLAYS, k8s_expand
+from .support import DOCKER, KUSTOMIZE, OVERLAYS, k8s_expand, kustomize_build, load_documents, pod_spec
 
 
 def env_example() -> dict[str, str]:
@@ -52,7 +51,8 @@ def check_train(argv: list[str]) -> None:
 
 def serve_containers():
     for layer in OVERLAYS:
-        deploy = next(r for r in render(KUSTOMIZE / layer) if r["kind"] == "Deployment")
+        deploy = next(r for r in kustomize_build(KUSTOMIZE / layer)
+                      if (r["kind"], r["metadata"]["name"]) == ("Deployment", "uda-serve"))
         yield layer, pod_spec(deploy)["containers"][0]
 
 

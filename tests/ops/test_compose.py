@@ -39,7 +39,7 @@ def test_compose_file_matches_the_compose_spec(path, compose_schema):
 
 def test_the_stack_has_its_services(compose):
     services = compose["services"]
-    assert {"redis", "uda-serve", "prometheus", "grafana", "train"} <= set(services)
+    assert {"redis", "uda-serve", "proxy", "prometheus", "alertmanager", "grafana", "train"} <= set(services)
     assert services["train"]["profiles"] == ["train"]
     # Only the trainer profile is optional: `docker compose up` starts the whole serving stack.
     assert all("profiles" not in s for name, s in services.items() if name != "train")
@@ -100,3 +100,28 @@ def test_every_variable_is_documented_in_env_example(compose):
     used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", text))
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (DOCKER / "env.example").read_text(), re.M))
     assert used <= documented, f"not in docker/env.example: {sorted(used - documented)}"
+
+
+def test_replicas_scale_behind_the_shipped_haproxy(compose):
+    """`up --scale uda-serve=N`: no replica publishes a host port (N would collide), the proxy
+    runs deploy/haproxy/haproxy.cfg and resolves the service name on the port uda-serve uses."""
+    services = compose["services"]
+    assert "ports" not in services["uda-serve"] and "container_name" not in services["uda-serve"]
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("haproxy:2.6")
+    assert "../deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in proxy["volumes"]
+    assert proxy["environment"]["UDA_SERVE_ADDR"] == "uda-serve:8000"  # the image's UDA_PORT
+    assert re.search(r"^\s*UDA_PORT=8000\b", (DOCKER / "Dockerfile").read_text(), re.M)
+    (port,) = proxy["ports"]
+    assert port.endswith(":8080") and re.search(r"^\s*bind :8080$", (DEPLOY / "haproxy" / "haproxy.cfg").read_text(), re.M)
+
+
+def test_alerts_reach_the_alertmanager(compose):
+    services = compose["services"]
+    am = services["alertmanager"]
+    assert "../deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in am["volumes"]
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    config = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    assert all(r["receiver"] in receivers for r in config["route"].get("routes", []))

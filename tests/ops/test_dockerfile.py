@@ -134,9 +134,10 @@ def test_compose_leaves_the_port_to_the_image():
     serve = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["uda-serve"]
     assert not [w for w in serve["command"] if w.startswith(("--port", "--host"))]
     assert "UDA_PORT" not in serve.get("environment", {})
-    (mapping,) = serve["ports"]
-    assert mapping.rsplit(":", 1)[1] == image_env()["UDA_PORT"]
-    assert image_env()["UDA_HOST"] == "0.0.0.0"  # reachable through the published port
+    # The replicas publish no port (`--scale`); the proxy dials them on the image's port.
+    proxy = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["proxy"]
+    assert proxy["environment"]["UDA_SERVE_ADDR"].rsplit(":", 1)[1] == image_env()["UDA_PORT"]
+    assert image_env()["UDA_HOST"] == "0.0.0.0"  # reachable from the proxy's container
 
 
 def test_named_volumes_mount_on_directories_the_image_user_owns():

@@ -12,13 +12,13 @@ from server.app import create_app
 from server.config import ServeConfig
 from server.metrics import REFUSAL_REASONS
 
-from .kustomize_lite import pod_spec, render
 from .relabel_lite import pod_targets, relabel, scrape_url
-from .support import DEPLOY, DOCKER, KUSTOMIZE, OVERLAYS, RULES
+from .support import DEPLOY, DOCKER, KUSTOMIZE, OVERLAYS, RULES, kustomize_build, pod_spec
 
 UNIT_TESTS = Path(__file__).parent / "promtool" / "alerts_test.yaml"
 ALERTS = {"UdaTaskLatencyP99High", "UdaTaskErrorRatioHigh", "UdaResidualsRefused",
-          "UdaStoreUnreachable", "UdaResidualCacheThrash", "UdaQueueNearFull"}
+          "UdaStoreUnreachable", "UdaResidualCacheThrash", "UdaQueueNearFull", "UdaTargetDown",
+          "UdaTargetsAbsent"}
 
 
 def promtool(tools: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -57,8 +57,20 @@ def test_compose_prometheus_config(prometheus_tools):
     done = promtool(prometheus_tools, "check", "config", "--syntax-only", str(DOCKER / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
-    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["uda-serve:8000"]
+    serve = config["scrape_configs"][0]
+    # Every replica of `--scale uda-serve=N`: Docker's DNS answers one A record per replica.
+    assert serve["job_name"] == "uda-serve"  # what the rules' up{job="uda-serve"} selects
+    assert serve["dns_sd_configs"] == [{"names": ["uda-serve"], "type": "A", "port": 8000,
+                                        "refresh_interval": "15s"}]
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yaml"]
+    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+
+
+def test_kubernetes_prometheus_sends_alerts_to_an_alertmanager():
+    # Not through promtool: Debian's is built without Kubernetes service discovery.
+    path = DEPLOY / "prometheus" / "prometheus-kubernetes.yaml"
+    (am,) = yaml.safe_load(path.read_text())["alerting"]["alertmanagers"]
+    assert am["static_configs"][0]["targets"]
 
 
 def kubernetes_scrape_job() -> dict:
@@ -88,7 +100,7 @@ def scraped(job: dict, resources: list[dict], pod_ip: str = "10.1.2.3") -> list[
 def test_kubernetes_scrape_job_finds_each_server_pod_at_its_metrics(layer, tmp_path):
     # Debian's promtool is built without Kubernetes service discovery: discovery and
     # relabeling are replayed by relabel_lite on the rendered pods instead.
-    resources = render(KUSTOMIZE / layer)
+    resources = kustomize_build(KUSTOMIZE / layer)
     ((workload, target),) = scraped(kubernetes_scrape_job(), resources)  # not Redis, not twice
     assert (workload["kind"], workload["metadata"]["name"]) == ("Deployment", "uda-serve")
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -106,7 +118,8 @@ def test_kubernetes_scrape_job_finds_each_server_pod_at_its_metrics(layer, tmp_p
 def test_kubernetes_scrape_job_follows_the_annotations():
     """The rules read the annotations (they would pass by luck if they ignored them)."""
     job = kubernetes_scrape_job()
-    deploy = next(r for r in render(KUSTOMIZE / OVERLAYS[0]) if r["kind"] == "Deployment")
+    deploy = next(r for r in kustomize_build(KUSTOMIZE / OVERLAYS[0])
+                  if (r["kind"], r["metadata"]["name"]) == ("Deployment", "uda-serve"))
     annotations = deploy["spec"]["template"]["metadata"]["annotations"]
     annotations.update({"prometheus.io/port": "9100", "prometheus.io/path": "/custom"})
     ((_, target),) = scraped(job, [deploy])

@@ -19,8 +19,7 @@ import yaml
 from residual_store.errors import ResidualStoreError
 from residual_store.stores import open_store
 
-from .kustomize_lite import load_documents
-from .support import KUSTOMIZE, free_port, wait_for
+from .support import KUSTOMIZE, free_port, load_documents, wait_for
 from .tiny_tasks import residual_blob
 
 pytestmark = pytest.mark.integration
@@ -68,7 +67,7 @@ def acl_redis(redis_server_bin, tmp_path_factory):
 
 def secret_placeholders() -> dict[str, str]:
     """The StatefulSet's password variables, each with the value the shipped Secret gives it."""
-    (secret,) = load_documents(KUSTOMIZE / "base" / "redis-secret.yaml")
+    (secret,) = load_documents(KUSTOMIZE / "base" / "redis-secret.example.yaml")
     docs = yaml.safe_load_all((KUSTOMIZE / "base" / "redis.yaml").read_text())
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
