@@ -208,6 +208,17 @@ def test_429_and_503_are_retried_after_retry_after(throttle, base, residual):
     assert all(gap >= 0.95 for gap in gaps), gaps  # Retry-After: 1, not the 0.01 s backoff
 
 
+@pytest.mark.parametrize("throttle", [(429, 1, "1")], indirect=True)
+def test_the_async_client_retries_after_retry_after_too(throttle, base, residual):
+    async def run():
+        async with AsyncClient(throttle.url, retries=2, backoff=0.01) as uda:
+            return await uda.predict(IMAGES[1], task="shapes", top_k=2)
+
+    result = asyncio.run(run())
+    assert_result_matches(result.predictions, expected(base, residual, IMAGES[1:2]), 2)
+    assert len(throttle.seen) == 2 and throttle.seen[1] - throttle.seen[0] >= 0.95
+
+
 @pytest.mark.parametrize("throttle", [(429, 10, "7"), (503, 10, "0")], indirect=True, ids=["429", "503"])
 def test_retries_spent_raise_the_servers_error(throttle):
     with Client(throttle.url, retries=1, backoff=0.01, max_wait=0.2) as uda:
