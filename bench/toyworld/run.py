@@ -75,7 +75,7 @@ class RunConfig:
     teacher_quick: bool = False  # pre-train the teacher with teacher.QUICK settings
     teacher_steps: int | None = None  # override the teacher's optimiser steps
     jobs: int = 2  # uda-train subprocesses at a time; 0: call trainer.cli.main in this process
-    threads: int = 1  # torch threads per subprocess (OMP_NUM_THREADS)
+    threads: int = 1  # torch threads per uda-train run (OMP_NUM_THREADS; set in-process too)
     publish: str | None = None  # store URL every run publishes to (task names TASK-METHOD-sSEED)
     fresh: bool = False  # rerun even when a run's workdir already holds its report
 
@@ -173,9 +173,18 @@ def execute(job: Job, cfg: RunConfig) -> Outcome:
     job.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if cfg.jobs == 0:
+        import torch
+
         from trainer import cli
 
-        code = cli.main([*job.argv, "--overwrite"])
+        # --threads holds in-process too: torch's default (every core) slows a 32-pixel model
+        # down ten-fold on a machine that other work shares (threads spin waiting on each other).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            code = cli.main([*job.argv, "--overwrite"])
+        finally:
+            torch.set_num_threads(threads)
         error = None if code == 0 else f"uda-train exited with {code}"
     else:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
