@@ -25,7 +25,9 @@ def test_task_variable_comes_from_the_latency_histogram():
     variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
     task = variables["task"]
     assert task["query"]["query"] == "label_values(uda_request_duration_seconds_count, task)"
-    assert task["multi"] and task["includeAll"] and task["allValue"] == ".*"
+    # Hundreds of tasks: no "All" (hundreds of series per panel); Grafana selects the first
+    # task, several may be picked, and the top-N panels cover every task.
+    assert task["multi"] and not task.get("includeAll") and task["current"] == {}
     assert variables["datasource"]["type"] == "datasource"
 
 
@@ -38,6 +40,16 @@ def test_required_panels_exist_with_queries():
         assert all(t["expr"].strip() and t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
         refs = [t["refId"] for t in panel["targets"]]
         assert len(refs) == len(set(refs)), panel["title"]
+
+
+def test_fleet_panels_rank_every_task_whatever_is_selected():
+    """The top-N panels read all tasks (no $task filter) and keep 10 of them."""
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    for title in ("Top tasks by traffic", "Top tasks by p99 latency", "Top tasks by 5xx rate"):
+        (target,) = panels[title]["targets"]
+        assert target["expr"].startswith("topk(10, ") and "$task" not in target["expr"], title
+    assert "uda_task_version" in panels["Served version per task"]["targets"][0]["expr"]
+    assert 'up{job="uda-serve"' in panels["Replicas up"]["targets"][0]["expr"]
 
 
 def test_latency_panel_is_per_task():
