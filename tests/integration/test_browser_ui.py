@@ -6,6 +6,7 @@ Screenshots are saved under $UDA_TEST_ARTIFACTS (default: test-artifacts/ at the
 root). `make test` installs chromium and chromium-driver (scripts/ensure-chromium.sh)."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -141,6 +142,32 @@ def test_playground_predicts_uploaded_images(browser, server, trained):
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
     assert_all_local(requested_urls(browser))
     assert save(browser, "ui-playground.png").stat().st_size > 10_000
+
+
+_DROP = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], arguments[1], {type: "image/png"}));
+document.getElementById("drop").dispatchEvent(
+  new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+"""
+
+
+def test_playground_takes_a_dropped_image(browser, server, trained):
+    _, world = trained
+    image = sorted((world["photo"] / "square").iterdir())[0]
+    browser.get(f"{server.url}/ui")
+    wait(browser).until(lambda b: b.find_element(By.ID, "task").get_attribute("data-loaded") == "true")
+    browser.execute_script(_DROP, base64.b64encode(image.read_bytes()).decode(), image.name)
+    assert browser.find_element(By.ID, "chosen").text == image.name
+    browser.find_element(By.ID, "predict").click()
+    wait(browser).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "tr.prediction")) == 4)
+    table = browser.find_element(By.CSS_SELECTOR, ".result table")
+    assert table.get_attribute("data-image") == image.name
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        answer = http.post("/predict?task=photo2sketch", files={"file": (image.name, image.read_bytes())}).json()
+    labels = [e.text for e in table.find_elements(By.CSS_SELECTOR, "td.label")]
+    assert labels == [c["label"] for c in answer["predictions"][0]["top_k"]]
 
 
 def test_playground_shows_the_servers_error(browser, server, tmp_path):
