@@ -223,3 +223,23 @@ def test_bad_binary_and_output_requests_are_readable_400s(server, case, says):
         resp = http.post("/v2/models/Ar2Cl/infer", content=content, headers=headers)
     assert resp.status_code == 400, resp.text
     assert says in resp.json()["detail"], resp.json()
+
+
+def test_the_asyncio_tritonclient_too(server, base, residual):
+    import asyncio
+
+    aio = pytest.importorskip("tritonclient.http.aio")
+
+    async def run():
+        client = aio.InferenceServerClient(url=server.url.removeprefix("http://"))
+        try:
+            assert await client.is_model_ready("Ar2Cl")
+            item = aio.InferInput("image", [2], "BYTES")
+            item.set_data_from_numpy(np.array(IMAGES[:2], dtype=np.object_), binary_data=True)
+            return await client.infer("Ar2Cl", [item])
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    torch.testing.assert_close(torch.from_numpy(result.as_numpy("scores").copy()),
+                               expected_scores(base, residual, IMAGES[:2]), rtol=0, atol=1e-5)
