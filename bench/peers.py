@@ -9,6 +9,8 @@ of task-homogeneous batches (what a batcher that groups requests by task hands t
 - swap: this project's server/engine.py SwapEngine (residual merged into the one flat buffer,
   restored exactly and the next one applied when the task changes), driven in-process: no
   HTTP for any peer, so every peer is measured the same way;
+- swap-bf16: the same engine as `uda-serve --precision bf16` runs it (bf16 base, each
+  residual's targets rounded once, fp32 head), on its own copy of the base;
 - lora-mixed / lora-set: Hugging Face PEFT LoRA adapters (one per task) on the MLP Linear
   layers (mlp.c_fc, mlp.c_proj), run with `adapter_names=` per forward or `set_adapter` per
   switch. open_clip's attention is nn.MultiheadAttention, whose in_proj is no Linear and whose
@@ -44,11 +46,10 @@ from torch import nn
 from bench import common
 from residual_store import BaseSpec, PackedResidual, Residual
 from residual_store.errors import BaseModelError
-from server.cache import resident_form
 
 logger = logging.getLogger(__name__)
 
-PEERS = ("swap", "lora-mixed", "lora-set", "shira-set", "full-models", "full-reload")
+PEERS = ("swap", "swap-bf16", "lora-mixed", "lora-set", "shira-set", "full-models", "full-reload")
 PEFT_PEERS = ("lora-mixed", "lora-set", "shira-set")
 LORA_TARGETS = ["mlp.c_fc", "mlp.c_proj"]  # the encoder's Linear layers whose forward runs
 
@@ -125,14 +126,14 @@ class SwapPeer:
 
     modes = ("swap",)
 
-    def __init__(self, engine):
+    def __init__(self, engine, mode: str = "swap"):
         self.engine = engine
+        self.modes = (mode,)  # swap-bf16: the same engine class in bf16
         self.flats: dict[int, PackedResidual] = {}  # what the server's cache holds
 
     def setup(self, tasks: list[Task]) -> None:
         for t in tasks:
-            self.flats[t.index] = resident_form(t.residual, self.engine.layout,
-                                                self.engine.flat.buffer.dtype).to(self.engine.device)
+            self.flats[t.index] = self.engine.resident_form(t.residual).to(self.engine.device)
 
     def task_bytes(self, task: Task) -> int:
         return self.flats[task.index].nbytes + common.module_nbytes(task.head)
@@ -385,6 +386,12 @@ def build_peer(name: str, engine, cfg: PeersConfig, tmp: Path, capacity: int):
     device = engine.device
     if name == "swap":
         return SwapPeer(engine)
+    if name == "swap-bf16":
+        from server.engine import SwapEngine
+
+        bf16 = SwapEngine(engine.spec, str(engine.device), "bf16")
+        bf16.setup()
+        return SwapPeer(bf16, name)
     engine.restore()  # copies must start from the exact base, never with a residual applied
     base = engine.model.visual
     if name in ("lora-mixed", "lora-set"):

@@ -3,6 +3,7 @@
     python -m bench.serve_load --quick                       # uda-tiny-vit, N = 1, 10, 100; ~1 minute
     python -m bench.serve_load --model ViT-B-16 --tasks 1,10,100,500
     python -m bench.serve_load --streams 1,2                 # one server per setting, side by side
+    python -m bench.serve_load --precision fp32,bf16 --tasks 1,10   # uda-serve --precision, side by side
     python -m bench.serve_load --url http://host:8000 --tasks 1,10   # a server you started
 
 Without --url, a directory store with max(N) random residuals of the base (seeded random
@@ -15,9 +16,10 @@ level alike instead of on the last ones. The server preloads every task (steady
 state of a long-running server whose --cache-bytes fits them); --cold leaves the loads to the
 first requests. Reported per N: p50/p99 latency,
 throughput (images/s), swaps/s and cache hit ratio read from /metrics, and throughput
-relative to N = 1. With several --streams settings one server per setting runs the same
-levels, one after another, and a last table sets their throughputs side by side. Paste the
-printed tables into BENCHMARKS.md.
+relative to N = 1. With several --streams or --precision settings one server per setting runs
+the same levels, one after another, and a last table sets their throughputs side by side. A
+bf16 server is started with --max-precision-drop inf: these random residuals have no recorded
+accuracy, and the guard would refuse them. Paste the printed tables into BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -73,12 +75,15 @@ def publish_tasks(store_dir: Path, model: str, n: int, density: float, variants:
     return names
 
 
-def start_server(args, store_dir: Path, port: int, tasks: list[str], streams: int) -> subprocess.Popen:
+def start_server(args, store_dir: Path, port: int, tasks: list[str], setting: tuple[int, str]
+                 ) -> subprocess.Popen:
+    streams, precision = setting
     # --pretrained random: the residuals above are made on BaseSpec(model)'s seeded random weights
     cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--pretrained", "random",
            "--store", str(store_dir), "--port", str(port), "--cache-bytes", args.cache_bytes,
            "--max-batch", str(args.max_batch), "--max-queue", "100000", "--log-level", "warning",
-           "--device", args.device, "--streams", str(streams)]
+           "--device", args.device, "--streams", str(streams), "--precision", precision,
+           "--max-precision-drop", "inf"]
     if not args.cold:
         # A server that has been up a while holds every task its cache fits; without this, a
         # 30 s window at a few images/s measures first-touch loads of hundreds of tasks instead.
@@ -184,15 +189,20 @@ def table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def streams_table(results: dict[int, list[dict]]) -> str:
-    """images/s per N under each --streams setting, and each setting against the first."""
+def setting_label(setting: tuple[int, str]) -> str:
+    streams, precision = setting
+    return f"{streams} stream{'s' * (streams > 1)} {precision}"
+
+
+def streams_table(results: dict[tuple[int, str], list[dict]]) -> str:
+    """images/s per N under each (--streams, --precision) setting, and each against the first."""
     from bench.common import markdown_table
 
-    settings = sorted(results)
+    settings = list(results)
     first = settings[0]
-    headers = (["tasks"] + [f"images/s, {s} stream{'s' * (s > 1)}" for s in settings]
-               + [f"vs 1 task, {s}" for s in settings]
-               + [f"{s} vs {first} stream{'s' * (first > 1)}" for s in settings[1:]])
+    headers = (["tasks"] + [f"images/s, {setting_label(s)}" for s in settings]
+               + [f"vs 1 task, {setting_label(s)}" for s in settings]
+               + [f"{setting_label(s)} vs {setting_label(first)}" for s in settings[1:]])
     single = {s: single_task_throughput(results[s]) for s in settings}
     rows = []
     for i, r0 in enumerate(results[first]):
@@ -240,6 +250,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--streams", default="1",
                    help="comma-separated uda-serve --streams settings, one server each (e.g. 1,2)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated uda-serve --precision settings, one server each (e.g. fp32,bf16)")
     p.add_argument("--out", type=Path, default=None, help="JSON folder (default: bench/results)")
     p.add_argument("--url", default=None, help="bench this running server (tasks must exist) instead")
     p.add_argument("--task-names", default=None, help="with --url: comma-separated task names")
@@ -256,6 +268,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--tasks and --streams take comma-separated integers, got {args.tasks!r} and {args.streams!r}")
     if not args.tasks or not args.streams or min(args.tasks) < 1 or min(args.streams) < 1:
         p.error("--tasks and --streams need at least one value, each >= 1")
+    args.precision = list(dict.fromkeys(x.strip() for x in args.precision.split(",") if x.strip()))
+    if not args.precision or not set(args.precision) <= {"fp32", "bf16"}:
+        p.error(f"--precision takes fp32 and/or bf16, comma-separated, got {','.join(args.precision)!r}")
     if args.rounds < 1 or args.duration <= 0:
         p.error("--rounds must be >= 1 and --duration > 0")
     return args
@@ -275,24 +290,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench import common
 
-    results: dict[int, list[dict]] = {}
-    rss: dict[int, int] = {}
+    results: dict[tuple[int, str], list[dict]] = {}
+    rss: dict[tuple[int, str], int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"publishing {max(args.tasks)} residuals of {args.model}...", file=sys.stderr, flush=True)
         tasks = publish_tasks(Path(tmp) / "store", args.model, max(args.tasks), args.density, args.variants)
-        for streams in args.streams:
-            print(f"uda-serve --streams {streams}:", file=sys.stderr, flush=True)
+        for setting in [(s, p) for s in args.streams for p in args.precision]:
+            print(f"uda-serve --streams {setting[0]} --precision {setting[1]}:", file=sys.stderr, flush=True)
             port = free_port()
-            proc = start_server(args, Path(tmp) / "store", port, tasks, streams)
+            proc = start_server(args, Path(tmp) / "store", port, tasks, setting)
             try:
-                results[streams] = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
-                rss[streams] = common.rss_bytes(proc.pid)  # every task resident, after the load
+                results[setting] = asyncio.run(bench(args, f"http://127.0.0.1:{port}", tasks, proc))
+                rss[setting] = common.rss_bytes(proc.pid)  # every task resident, after the load
             finally:
                 proc.terminate()
                 proc.wait(timeout=120)
-    for streams, rows in results.items():
-        title = (f"serve_load: {args.model} (random weights), --streams {streams} "
-                 f"(server RSS {common.fmt_bytes(rss[streams])}), "
+    for setting, rows in results.items():
+        title = (f"serve_load: {args.model} (random weights), --streams {setting[0]} --precision "
+                 f"{setting[1]} (server RSS {common.fmt_bytes(rss[setting])}), "
                  f"{args.concurrency} closed-loop clients, Zipf(1.0), "
                  f"{args.rounds} x {args.duration:g} s per level, {os.cpu_count()} CPUs, device {args.device}, "
                  f"{'cold cache' if args.cold else 'tasks preloaded'}")
@@ -303,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def save(args, results: dict[int, list[dict]], rss: dict[int, int]) -> None:
+def save(args, results: dict[tuple[int, str], list[dict]], rss: dict[tuple[int, str], int]) -> None:
     import torch
 
     from bench import common
@@ -311,8 +326,8 @@ def save(args, results: dict[int, list[dict]], rss: dict[int, int]) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     path = common.write_json(common.result_path(args.out or common.RESULTS_DIR, "serve_load"),
                              {"args": settings, "machine": common.machine_info(torch.device("cpu")),
-                              "streams": {str(s): rows for s, rows in results.items()},
-                              "server_rss_bytes": {str(s): n for s, n in rss.items()}})
+                              "settings": {setting_label(s): rows for s, rows in results.items()},
+                              "server_rss_bytes": {setting_label(s): n for s, n in rss.items()}})
     print(f"raw results: {path}", file=sys.stderr)
 
 

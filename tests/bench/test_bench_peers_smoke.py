@@ -98,7 +98,7 @@ def test_shira_mask_has_peft_s_size_and_peft_accepts_it():
 
 
 def test_peer_groups_keep_lora_modes_together():
-    assert peers.peer_groups(peers.PEERS) == [["swap"], ["lora-mixed", "lora-set"], ["shira-set"],
+    assert peers.peer_groups(peers.PEERS) == [["swap"], ["swap-bf16"], ["lora-mixed", "lora-set"], ["shira-set"],
                                               ["full-models"], ["full-reload"]]
     assert peers.peer_groups(("full-reload", "lora-set")) == [["lora-set"], ["full-reload"]]
 

@@ -54,15 +54,32 @@ def test_serve_load_quick_runs_against_a_live_server(capsys, tmp_path):
     out = capsys.readouterr().out
     [saved] = tmp_path.glob("serve_load-*.json")
     raw = json.loads(saved.read_text())
-    assert set(raw["streams"]) == {"1", "2"} and raw["args"]["rounds"] == 3
+    assert set(raw["settings"]) == {"1 stream fp32", "2 streams fp32"} and raw["args"]["rounds"] == 3
     assert min(raw["server_rss_bytes"].values()) > 0
-    assert all(len(row["round_throughputs"]) == 3 for row in raw["streams"]["2"])
-    assert "tasks preloaded" in out and "--streams 1 (server RSS" in out and "--streams 2 (server RSS" in out
-    head, side_by_side = out.split("| tasks | images/s, 1 stream |")
+    assert all(len(row["round_throughputs"]) == 3 for row in raw["settings"]["2 streams fp32"])
+    assert "tasks preloaded" in out and "--streams 1 --precision fp32 (server RSS" in out
+    assert "--streams 2 --precision fp32 (server RSS" in out
+    head, side_by_side = out.split("| tasks | images/s, 1 stream fp32 |")
     rows = [line for line in head.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 4 and all(line.rstrip().endswith("| 0 |") for line in rows), out  # no errors
-    assert side_by_side.startswith(" images/s, 2 streams | vs 1 task, 1 | vs 1 task, 2 | 2 vs 1 stream |")
+    assert side_by_side.startswith(" images/s, 2 streams fp32 | vs 1 task, 1 stream fp32 | vs 1 task, "
+                                   "2 streams fp32 | 2 streams fp32 vs 1 stream fp32 |")
     assert len([line for line in side_by_side.splitlines() if line.startswith(("| 1 |", "| 3 |"))]) == 2
+
+
+def test_serve_load_has_a_bf16_row(capsys, tmp_path):
+    from bench import serve_load
+
+    assert serve_load.main(["--quick", "--tasks", "1,2", "--duration", "1", "--warmup", "0.5",
+                            "--concurrency", "2", "--precision", "fp32,bf16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    [saved] = tmp_path.glob("serve_load-*.json")
+    raw = json.loads(saved.read_text())
+    assert set(raw["settings"]) == {"1 stream fp32", "1 stream bf16"}
+    for rows in raw["settings"].values():  # the random residuals are served, not refused, in bf16
+        assert [r["tasks"] for r in rows] == [1, 2] and all(r["errors"] == 0 and r["requests"] > 0 for r in rows)
+    assert "--streams 1 --precision bf16 (server RSS" in out
+    assert "| tasks | images/s, 1 stream fp32 | images/s, 1 stream bf16 |" in out
 
 
 def test_batch_cost_quick_runs_and_prints_its_tables(capsys):
