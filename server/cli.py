@@ -18,7 +18,6 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from residual_store.base import ACTIVATION_NAMES
 from residual_store.errors import ResidualStoreError
 from server.config import ADMIN_TOKEN_ENV, LOG_LEVELS, ConfigError, ServeConfig, parse_size, parse_tasks
 
@@ -182,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_banner(runtime) -> None:
+    from residual_store.base import ACTIVATION_NAMES  # torch: `uda-serve --help` stays instant
+
     cfg, engine = runtime.config, runtime.engine
     tasks = runtime.catalog.tasks()
     names = ", ".join(sorted(tasks)[:10]) + (f", ... ({len(tasks)} in all)" if len(tasks) > 10 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from typing import Literal
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -100,10 +101,10 @@ class ServeConfig:
         need(bool(self.store and self.store.strip()), "--store is empty: use e.g. ./residuals or redis://redis:6379/0")
         need(bool(_DEVICE_RE.match(self.device or "")),
              f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        from residual_store.precision import PRECISIONS
-
-        need(self.precision in PRECISIONS,
-             f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        # the Literal, not residual_store.precision.PRECISIONS: that module imports torch, and a
+        # default ServeConfig is built for `uda-serve --help` (tests/ops/test_cli_startup.py)
+        need(self.precision in typing.get_args(Precision),
+             f"--precision {self.precision!r} is not one of {', '.join(typing.get_args(Precision))}")
         need(self.max_precision_drop >= 0,
              f"--max-precision-drop {self.max_precision_drop} must be >= 0 points (inf: no guard)")
         need(self.cache_bytes >= 1, f"--cache-bytes {self.cache_bytes} must be >= 1 (e.g. 256MiB)")
