@@ -190,9 +190,23 @@ class ServeRuntime:
             task, need = max(self.cache.oversized.items(), key=lambda kv: kv[1])
             problems.append(f"--cache-bytes {self.cache.capacity_bytes} is smaller than the "
                             f"residual of task {task} ({need} bytes): raise --cache-bytes")
+        problems += self._nothing_servable()
         if require_store:
             problems += self.store_problems()
         return problems
+
+    def _nothing_servable(self) -> list[str]:
+        """A store whose every task is refused (say, all trained on another base) leaves nothing
+        to serve: that is a misconfiguration to surface, not a ready server with 0 tasks."""
+        if self.catalog is None or self.catalog.tasks():
+            return []
+        refusals = sorted(self.catalog.refusals().items())
+        if not refusals:
+            return []  # an empty store: ready, waiting for a first publish
+        shown = "; ".join(f"{task} v{r.version} ({r.reason})" for task, r in refusals[:3])
+        more = f" and {len(refusals) - 3} more" if len(refusals) > 3 else ""
+        return [f"none of the {len(refusals)} published task(s) can be served, all were refused: "
+                f"{shown}{more}; GET /tasks says why"]
 
     def store_problems(self) -> list[str]:
         """What is wrong with the residual store (unreachable, tasks gone); empty when fine."""

@@ -122,6 +122,27 @@ def test_new_task_of_another_base_is_refused_not_served(tmp_path, base):
         assert 'reason="base_mismatch"' in client.get("/metrics").text
 
 
+def test_readyz_is_not_ready_when_every_task_is_refused(tmp_path, base):
+    """Every published task trained on another base: /readyz said 200 "ready" with 0 tasks (#23)."""
+    store = open_store(str(tmp_path / "s"))
+    for i, task in enumerate(("A1", "A2")):
+        store.publish(task, to_bytes(random_residual(base, task, CLASSES, base_model="uda-tiny-vit", seed=i,
+                                                     base_fingerprint="f" * 64)))
+    with EmbeddedServer(ServeConfig(model="uda-tiny-vit", pretrained="random", store=str(tmp_path / "s"),
+                                    port=0, reconcile_interval=0.2)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        for probe in ("/readyz", "/readyz?store=optional"):
+            resp = wait_for(lambda: (r := client.get(probe)).status_code == 503 and r)
+            assert resp, client.get(probe).text
+            detail = resp.json()["detail"]
+            assert "none of the 2 published task(s) can be served" in detail
+            assert "A1 v1 (base_mismatch)" in detail and "A2 v1 (base_mismatch)" in detail
+        # one servable task is enough to be ready again
+        store.publish("Good", to_bytes(random_residual(base, "Good", CLASSES, base_model="uda-tiny-vit", seed=9)))
+        assert wait_for(lambda: client.get("/readyz").status_code == 200), client.get("/readyz").text
+    store.close()
+
+
 def test_cached_tasks_keep_serving_while_the_store_is_gone(tmp_path, versions):
     root = tmp_path / "store"
     store = open_store(str(root))
