@@ -1,6 +1,7 @@
 """deploy/haproxy/haproxy.cfg for real: three `uda-serve` processes on one directory store behind
 a real haproxy (Debian's package, scripts/ensure-haproxy.sh) running the shipped config with
-only its addresses rewritten (the bind ports, and three loopback servers for the DNS template).
+only its addresses rewritten (bench.fleet.loopback_config: the bind ports, and three loopback
+servers for the DNS template; the benchmark runs the same rewrite).
 
 Which replica answered is read twice: from the X-Uda-Replica header the config adds, and from
 each replica's own uda_requests_total, so the test does not only trust the proxy's word.
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.fleet import loopback_config
 from residual_store.stores import open_store
 from server.synthetic import image_bytes
 
@@ -37,18 +36,6 @@ TASKS = [f"T{i:02d}" for i in range(12)]
 HOT = "T00"
 REPLICAS = 3
 IMAGE = image_bytes(7, size=48)
-
-
-def loopback_config(text: str, bind: int, internal: int, ports: list[int]) -> str:
-    """The shipped config with only the addresses changed: the two binds on loopback ports and
-    the DNS server-template replaced by one server per local replica (same default-server)."""
-    (template,) = re.findall(r"^\s*server-template .*$", text, re.M)
-    servers = "\n".join(f"    server serve{i} 127.0.0.1:{p}" for i, p in enumerate(ports, start=1))
-    out = text.replace(template, servers)
-    out, n_public = re.subn(r"^(\s*)bind :8080$", rf"\1bind 127.0.0.1:{bind}", out, flags=re.M)
-    out, n_internal = re.subn(r"^(\s*)bind :8404$", rf"\1bind 127.0.0.1:{internal}", out, flags=re.M)
-    assert (n_public, n_internal) == (1, 1), "the shipped binds moved: update loopback_config"
-    return out
 
 
 class Fleet:
@@ -95,7 +82,7 @@ def fleet(tmp_path_factory, haproxy_bin) -> Fleet:
             log = tmp / f"serve{i}.log"
             with log.open("w") as out:
                 proc = subprocess.Popen(
-                    [*uda_serve_command(), "--model", MODEL, "--pretrained", "random", "--store", str(tmp / "store"),
+                    [sys.executable, "-m", "server.cli", "--model", MODEL, "--pretrained", "random", "--store", str(tmp / "store"),
                      "--port", str(port), "--log-level", "warning", "--grace-period", "30",
                      "--max-wait-ms", "5"], stdout=out, stderr=subprocess.STDOUT)
             procs.append(proc)
@@ -114,11 +101,6 @@ def fleet(tmp_path_factory, haproxy_bin) -> Fleet:
     finally:
         for proc in procs:
             stop(proc)
-
-
-def uda_serve_command() -> list[str]:
-    script = shutil.which("uda-serve", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "server.cli"]
 
 
 def predict(client: httpx.Client, task: str) -> httpx.Response:
