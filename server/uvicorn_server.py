@@ -33,7 +33,8 @@ class DrainingServer(uvicorn.Server):
         self.on_bound = None  # called with the port once listening (uda-serve prints the URL)
 
     async def startup(self, sockets=None) -> None:
-        install_accept_error_handler(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        install_accept_error_handler(self._loop)
         await super().startup(sockets=sockets)
         listening = [sock for server in getattr(self, "servers", []) for sock in server.sockets]
         if listening and self.on_bound is not None:
@@ -44,6 +45,20 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         if self.force_exit:
             self.runtime.begin_stop(grace=0.0)
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._stop_taking_connections)
+
+    def _stop_taking_connections(self) -> None:
+        """The first steps of uvicorn's shutdown, now instead of on its next tick (up to 0.1 s
+        later): stop listening, close idle keep-alive connections, and let busy ones close
+        after their answer. In between, a proxy's new or reused connection would reach a
+        server that answers every request 503, and HAProxy 2.6 retries a 503 on the same
+        replica; a refused or closed connection it retries on another (deploy/haproxy)."""
+        for server in getattr(self, "servers", []):
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
 
     def serve_then_stop(self) -> None:
         """Serve until told to exit, then release the runtime (the lifespan shutdown already

@@ -235,3 +235,16 @@ def test_killing_and_draining_replicas_under_load_loses_no_request(fleet):
     from_survivor = Counter(r[0] for r in results if r[3] == survivor)
     assert computed == {t: from_survivor.get(t, 0) for t in TASKS}
     wait_for("haproxy marks the dead replicas DOWN", lambda: fleet.up_servers() == {survivor} or None, 30)
+
+
+def test_the_benchmarks_round_robin_baseline_changes_only_the_balance():
+    """bench.fleet's baseline is the shipped config but the task hash (it must not fall back to
+    the shipped hashing silently, nor drop the checks and retries)."""
+    shipped = CONFIG.read_text()
+    affinity = loopback_config(shipped, 1, 2, [3, 4, 5])
+    baseline = loopback_config(shipped, 1, 2, [3, 4, 5], balance="roundrobin")
+    removed = set(affinity.splitlines()) - set(baseline.splitlines())
+    assert {line.strip() for line in removed} == {"balance hdr(X-Uda-Task)", "hash-type consistent",
+                                                  "hash-balance-factor 150"}
+    assert {line.strip() for line in set(baseline.splitlines()) - set(affinity.splitlines())} == {"balance roundrobin"}
+    assert "server serve3 127.0.0.1:5" in affinity and "server-template" not in affinity
