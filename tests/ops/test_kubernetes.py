@@ -266,7 +266,14 @@ def test_an_apply_never_overwrites_the_users_redis_secret():
 def test_monitoring_component_follows_kube_prometheus_stack():
     resources = component_builds()["overlays/cpu+components/monitoring"]
     serve = by_kind(resources, "Deployment", "uda-serve")
-    (monitor,) = [r for r in resources if r["kind"] == "PodMonitor"]
+    monitors = {r["metadata"]["name"]: r for r in resources if r["kind"] == "PodMonitor"}
+    assert set(monitors) == {"uda-serve", "uda-proxy"}
+    proxy = by_kind(resources, "Deployment", "uda-proxy")
+    (proxy_endpoint,) = monitors["uda-proxy"]["spec"]["podMetricsEndpoints"]
+    assert monitors["uda-proxy"]["spec"]["selector"]["matchLabels"].items() <= pod_spec_labels(proxy).items()
+    # The exporter's port, which the Ingress never routes (uda-proxy's Service has only http).
+    assert {p["name"]: p["containerPort"] for p in container(proxy, "haproxy")["ports"]}[proxy_endpoint["port"]] == 8404
+    monitor = monitors["uda-serve"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_spec_labels(serve).items()
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in container(serve, "uda-serve")["ports"]}
@@ -275,7 +282,7 @@ def test_monitoring_component_follows_kube_prometheus_stack():
     assert {"targetLabel": "job", "replacement": "uda-serve"} in endpoint["relabelings"]
     (rule,) = [r for r in resources if r["kind"] == "PrometheusRule"]
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
-    for r in (monitor, rule):
+    for r in (*monitors.values(), rule):
         assert r["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         assert r["metadata"]["namespace"] == "uda"
     (dashboard,) = [r for r in resources if r["kind"] == "ConfigMap"
