@@ -76,6 +76,9 @@ class ResidualCache:
                  on_change: Callable[[], None] | None = None, workers: int = 2):
         self.capacity_bytes = capacity_bytes
         self.oversized: dict[str, int] = {}  # task -> bytes of a residual larger than the budget
+        # (task, sha256) -> why a residual larger than the whole budget failed: asked for again,
+        # it fails at once instead of re-reading and re-parsing the file every request.
+        self._too_big: dict[Key, str] = {}
         self._loader = loader
         self._metrics = metrics
         self._on_change = on_change or (lambda: None)
@@ -159,10 +162,13 @@ class ResidualCache:
         else:
             self.oversized.pop(entry.task, None)
         if self.bytes_used - evictable + entry.nbytes > self.capacity_bytes:
-            raise CacheFull(
+            full = CacheFull(
                 f"residual of task {entry.task!r} needs {entry.nbytes} bytes; --cache-bytes "
                 f"{self.capacity_bytes} holds {self.bytes_used - evictable} bytes of pinned "
                 "residuals: raise --cache-bytes or pin fewer tasks")
+            if entry.nbytes > self.capacity_bytes:
+                self._too_big[entry.key] = str(full)
+            raise full
         for key, reason in victims:
             if self.bytes_used + entry.nbytes <= self.capacity_bytes:
                 break
@@ -185,6 +191,8 @@ class ResidualCache:
             for key in keys:
                 self._remove(key, reason)
             if loading_too:
+                for key in [k for k in self._too_big if k[0] == task and k[1] != keep_sha]:
+                    del self._too_big[key]
                 self._unwanted.update(k for k in self._loading if k[0] == task and k[1] != keep_sha)
             return len(keys)
 
@@ -217,6 +225,10 @@ class ResidualCache:
                 done: Future = Future()
                 done.set_result(entry)
                 return done
+            if key in self._too_big:  # cannot fit whatever is evicted: no read, no parse
+                failed: Future = Future()
+                failed.set_exception(CacheFull(self._too_big[key]))
+                return failed
             future = self._loading.get(key)
             if future is not None:
                 self._unwanted.discard(key)  # wanted again (the task was republished)

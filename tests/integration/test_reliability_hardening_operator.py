@@ -60,6 +60,24 @@ def test_a_cache_smaller_than_one_residual_shows_in_readiness(tmp_path):
         assert resp.status_code == 503 and "--cache-bytes" in resp.json()["detail"], resp.text
 
 
+def test_a_residual_larger_than_the_cache_is_read_once(tmp_path):
+    cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=_store(tmp_path, "A"), port=0,
+                      cache_bytes=1024)
+    with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        cache, reads = srv.runtime.cache, []
+        real = cache._loader
+
+        def counted(task, version, sha256):
+            reads.append(task)
+            return real(task, version, sha256)
+
+        cache._loader = counted
+        answers = [rs.predict(http, "A") for _ in range(4)]
+        assert [r.status_code for r in answers] == [503] * 4
+        assert all("--cache-bytes" in r.json()["detail"] for r in answers), answers[-1].text
+        assert reads == ["A"]  # the first request read and parsed it; the others did not
+
+
 def test_port_0_prints_the_port_it_got(tmp_path):
     cmd = rs.uda_serve_command() + ["--model", rs.MODEL, "--pretrained", "random", "--store",
                                     _store(tmp_path, "A"), "--port", "0"]
