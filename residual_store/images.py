@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 FORMAT_NAMES = "JPEG, PNG or WebP"
@@ -28,6 +28,30 @@ EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".web
                         ".dib", ".gif", ".tif", ".tiff"})
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+MAX_TEXT_CHUNK = 64 << 10  # bytes of one decompressed PNG text chunk (Pillow: 1 MiB)
+MAX_TEXT_MEMORY = 256 << 10  # bytes of all text chunks of one PNG (Pillow: 64 MiB)
+
+
+def limit_decoder(max_pixels: int | None = None) -> None:
+    """Pillow's own limits for untrusted images (process-wide): truncated files stay errors,
+    PNG text chunks are bounded (Pillow's defaults let a 70 KB file inflate 64 MiB of text per
+    image), and with `max_pixels` (uda-serve's --max-image-pixels) Image.MAX_IMAGE_PIXELS
+    follows it, so Pillow warns above it and raises DecompressionBombError above twice it,
+    even on a path that skipped the server's own header check."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_MEMORY
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def is_bomb(error: BaseException) -> bool:
+    """Whether Pillow refused an image for its size rather than for corrupt data: a
+    decompression bomb, or PNG text beyond MAX_TEXT_CHUNK / MAX_TEXT_MEMORY."""
+    if isinstance(error, Image.DecompressionBombError):
+        return True
+    return isinstance(error, ValueError) and "MAX_TEXT_" in str(error)
 
 
 class ImageDecodeError(ValueError):

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from residual_store.images import FORMAT_NAMES, FORMATS, ImageDecodeError, open_image, to_rgb8
+from residual_store.images import (FORMAT_NAMES, FORMATS, ImageDecodeError, is_bomb, limit_decoder,
+                                   open_image, to_rgb8)
 from residual_store.preprocess import eval_transform
 from server.errors import ImageRejected
 
@@ -48,6 +49,7 @@ class ImageDecoder:
         self.max_aspect = max_aspect
         self.max_request_pixels = max_request_pixels
         self.transform = eval_transform(size)
+        limit_decoder(max_pixels)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-decode")
 
     def decode(self, blob: bytes, name: str = "image") -> torch.Tensor:
@@ -67,9 +69,10 @@ class ImageDecoder:
             raise
         except UnidentifiedImageError as e:
             raise ImageRejected("not_image", f"{name} is not a {FORMAT_NAMES} image") from e
-        except Image.DecompressionBombError as e:
-            raise ImageRejected("too_large", f"{name}: {e}") from e
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+                MemoryError) as e:
+            if is_bomb(e):
+                raise ImageRejected("too_large", f"{name}: {e}") from e
             raise ImageRejected("corrupt", f"{name} is a corrupt or truncated {_fmt(blob)} image: {e}") from e
 
     def _pixels(self, image: Image.Image, name: str) -> torch.Tensor:
@@ -111,9 +114,10 @@ class ImageDecoder:
                     width, height = image.size
         except ImageDecodeError as e:
             raise ImageRejected("not_image", f"{name} is not a {FORMAT_NAMES} image") from e
-        except Image.DecompressionBombError as e:
-            raise ImageRejected("too_large", f"{name}: {e}") from e
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+                MemoryError) as e:
+            if is_bomb(e):
+                raise ImageRejected("too_large", f"{name}: {e}") from e
             raise ImageRejected("corrupt", f"{name} is a corrupt or truncated {_fmt(blob)} image: {e}") from e
         if width < 1 or height < 1:
             raise ImageRejected("corrupt", f"{name} has no pixels ({width}x{height})")

@@ -125,3 +125,37 @@ def test_decoding_counts_against_the_request_timeout(tmp_path_factory):
         assert resp.status_code == 503 and "decoded" in resp.json()["detail"], resp.text
         time.sleep(0.1)
         assert rs.predict(http, "A").status_code == 200
+
+
+def _png_with_text(chunks: int) -> bytes:
+    """A 32x32 PNG carrying `chunks` zTXt chunks of ~1 MiB of text each, 1 KB compressed."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, "PNG")
+    png = buf.getvalue()
+    text = chunk(b"zTXt", b"k\0\0" + zlib.compress(b"a" * ((1 << 20) - 100), 9))
+    return png[:33] + text * chunks + png[33:]  # after the IHDR chunk
+
+
+def test_pillow_limits_follow_the_server(served):
+    srv, http = served
+    assert Image.MAX_IMAGE_PIXELS == srv.runtime.config.max_image_pixels
+    resp = _post(http, _png_with_text(40))  # 42 KB inflating to 40 MiB of text
+    assert resp.status_code == 413 and "MAX_TEXT" in resp.json()["detail"], resp.text
+    assert _post(http, _png_with_text(0)).status_code == 200
+
+
+def test_a_truncated_image_is_refused_even_if_pillow_was_told_to_load_them(tmp_path_factory):
+    from PIL import ImageFile
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # as a library imported before the server may do
+    try:
+        cfg = _config(tmp_path_factory)
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(rs.IMAGES[0])).convert("RGB").resize((64, 64)).save(buf, "PNG")
+        truncated = buf.getvalue()[:-200]
+        with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            resp = _post(http, truncated)
+            assert resp.status_code == 400 and "truncated" in resp.json()["detail"], resp.text
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
