@@ -11,8 +11,12 @@ Keys, all under the prefix `p` (default "uda:"; several deployments can share on
 A publish takes a number with INCR, SETs the blob with a TTL (so a publisher killed right here
 leaves nothing behind for long), then runs one Lua script that persists the blob and moves the
 index. The script moves "current" only forward, so concurrent publishers never move it back
-and the index never names a missing blob. Reads use only read commands (GET, HGETALL,
-SMEMBERS) and SUBSCRIBE, so servers can run under a read-only ACL user (+@read +ping
+and the index never names a missing blob. A version's record is written once and never
+changed (its number is never reused), so `list_tasks`, which servers call every second,
+reads each task's "current" and field names (HGET, HKEYS) and parses a record only for a
+task whose pair changed since its last call: 15 MB of metadata is read once per publish,
+not once a second. Reads use only read commands (GET, HGET, HGETALL, HKEYS, SMEMBERS) and
+SUBSCRIBE, so servers can run under a read-only ACL user (+@read +ping
 +subscribe on ~{p}* and &{p}events); publishers also need INCR, SET, EVALSHA/EVAL.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,6 +167,10 @@ class RedisStore(ResidualStore):
         self._socket_timeout = socket_timeout
         self._publish_script = self._r.register_script(_PUBLISH_LUA)
         self._delete_script = self._r.register_script(_DELETE_LUA)
+        # task -> ((current, field names), TaskInfo) of the last list_tasks: unchanged tasks
+        # are not read again
+        self._listed: dict[str, tuple[tuple, TaskInfo]] = {}
+        self._listed_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r}, keep={self.keep})"
@@ -283,20 +292,48 @@ class RedisStore(ResidualStore):
             # transaction=False: no MULTI, which a read-only ACL user may not run
             pipe = self._r.pipeline(transaction=False)
             for task in names:
-                pipe.hgetall(self._key("index", task))
-            raws = pipe.execute()
-        out = []
-        for task, raw in zip(names, raws):
-            if not raw:
-                continue  # deleted between SMEMBERS and HGETALL
+                pipe.hget(self._key("index", task), "current")
+                pipe.hkeys(self._key("index", task))
+            heads = pipe.execute()
+        with self._listed_lock:
+            listed = dict(self._listed)
+        stamps, changed = {}, []
+        for task, current, fields in zip(names, heads[::2], heads[1::2]):
+            if current is None or not fields:
+                continue  # deleted between SMEMBERS and this read
+            stamps[task] = (current, tuple(sorted(fields)))
+            if task not in listed or listed[task][0] != stamps[task]:
+                changed.append(task)
+        fresh = self._read_current(changed, stamps)
+        with self._listed_lock:
+            self._listed = {t: fresh[t] if t in fresh else listed[t]
+                            for t in stamps if t in fresh or t not in changed}
+            return [self._listed[t][1] for t in names if t in self._listed]
+
+    def _read_current(self, tasks: list[str], stamps: dict[str, tuple]) -> dict[str, tuple]:
+        """task -> (stamp, TaskInfo) from the current version's record of each of `tasks`."""
+        if not tasks:
+            return {}
+        with self._errors():
+            pipe = self._r.pipeline(transaction=False)
+            for task in tasks:
+                pipe.hget(self._key("index", task), b"v:" + stamps[task][0])
+            records = pipe.execute()
+        out = {}
+        for task, record in zip(tasks, records):
+            if record is None:
+                continue  # deleted since its field names were read
+            current, fields = stamps[task]
+            raw = {b"current": current, b"v:" + current: record}
             try:
-                current, versions = self._parse_index(task, raw)
-            except IntegrityError as e:
+                _, versions = self._parse_index(task, raw)
+                kept = tuple(sorted(int(f[2:]) for f in fields if f.startswith(b"v:")))
+            except (IntegrityError, ValueError) as e:
                 # One damaged task must not hide the others from servers; `verify` reports it.
                 logger.warning("skipping task %r in %s: %s", task, self.url, e)
                 continue
-            out.append(TaskInfo(task=task, current=versions[current],
-                                versions=tuple(sorted(versions))))
+            out[task] = (stamps[task], TaskInfo(task=task, current=versions[int(current)],
+                                                versions=kept))
         return out
 
     # -- writes ------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 A 15 MB `config` was re-read by every reconcile, 15 MB of class labels went into every answer,
 a 100,000-class head made a 15 KB /v2 request answer 72 MB. The residual's metadata is bounded
 (residual_store.residual.MAX_CLASSES, MAX_CLASS_NAME, MAX_METADATA_VALUE) at publish and import,
-and at load for what a publisher wrote around the validation.
+and at load for what a publisher wrote around the validation. On Redis the reconcile reads a
+version's record only when the task's index changed, counted with INFO commandstats of a
+private redis-server.
 """
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -59,3 +62,42 @@ def test_oversized_metadata_written_around_the_store_is_refused_at_load(tmp_path
             assert resp.status_code == 503 and "limit" in resp.json()["detail"], resp.text
     finally:
         rs.delete_prefix(r, prefix)
+
+
+def _calls(client) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def test_the_redis_reconcile_reads_only_what_changed(tmp_path):
+    redis_srv = rs.PrivateRedis(tmp_path).start()
+    client = redis_srv.client()
+    try:
+        store = open_store(redis_srv.url)
+        tasks = ["A", "B", "C"]
+        for seed in range(3):  # three versions of each task: a listing used to read all nine
+            rs.publish_versions(redis_srv.url, tasks, first_seed=80 + 10 * seed)
+        store.list_tasks()
+        client.config_resetstat()
+        assert [t.current.version for t in store.list_tasks()] == [3, 3, 3]
+        calls = _calls(client)
+        assert calls.get("hgetall", 0) == 0 and calls.get("hget", 0) == 3, calls  # the currents
+        rs.publish_versions(redis_srv.url, ["B"], first_seed=99)
+        client.config_resetstat()
+        assert [t.current.version for t in store.list_tasks()] == [3, 4, 3]
+        calls = _calls(client)
+        assert calls.get("hget", 0) == 3 + 1, calls  # and B's new record, only
+
+        cfg = ServeConfig(model=rs.MODEL, pretrained="random", store=redis_srv.url, port=0,
+                          reconcile_interval=0.1)
+        with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert rs.predict(http, "A").status_code == 200
+            time.sleep(0.3)
+            client.config_resetstat()
+            time.sleep(1.0)  # about ten reconciles of an unchanged store
+            calls = _calls(client)
+            assert calls.get("hgetall", 0) == 0, calls
+            assert calls.get("hget", 0) <= 3 * 12, calls  # the currents, nothing parsed
+    finally:
+        client.close()
+        redis_srv.stop()
