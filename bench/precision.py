@@ -1,7 +1,7 @@
 """Serving precision decided on TRAINED residuals: target accuracy and speed in fp32 and bf16.
 
     python -m bench.precision runs/precision/toyworld/runs/*/ runs/digits/runs/*rst*/   # accuracy + speed
-    python -m bench.precision --no-accuracy                 # speed only (ViT-B-16, random weights)
+    python -m bench.precision                               # speed only (ViT-B-16, random weights)
     python -m bench.precision --quick                       # a 3-step uda-train residual, uda-tiny-vit (smoke)
 
 Accuracy: each argument is a `uda-train` workdir (report.json + residual.safetensors). Its base
