@@ -3,7 +3,9 @@
 Only JPEG, PNG and WebP are decoded (`residual_store.images.FORMATS`, which is also all the
 trainer trains on; Pillow is told so, no other decoder runs). Limits: bytes per upload and
 width x height, checked from the header before any pixel is decoded, so a decompression bomb
-costs nothing. The pixels go through
+costs nothing. Images above PROCESS_PIXELS are decoded in child processes that are killed
+when their request times out or its client leaves (server/decode_process.py), smaller ones
+in a thread. The pixels go through
 `residual_store.images.to_rgb8` (first frame, EXIF orientation, 16-bit scaled to 8-bit, RGB)
 and `residual_store.preprocess.eval_transform`, exactly as the trainer reads its images, so
 served scores equal the trainer's.
@@ -11,17 +13,16 @@ served scores equal the trainer's.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from residual_store.images import (FORMAT_NAMES, FORMATS, ImageDecodeError, is_bomb, limit_decoder,
-                                   open_image, to_rgb8)
+from residual_store.images import FORMAT_NAMES, ImageDecodeError, limit_decoder, open_image
 from residual_store.preprocess import eval_transform
+from server.decode_process import PROCESS_PIXELS, DecodeProcesses, decode_rgb, rejection
 from server.errors import ImageRejected
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ImageDecoder:
         self.transform = eval_transform(size)
         limit_decoder(max_pixels)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-decode")
+        self._processes = DecodeProcesses(min(workers, 2), size, max_pixels)
 
     def decode(self, blob: bytes, name: str = "image") -> torch.Tensor:
         """One upload to a tensor; ImageRejected(kind) names what is wrong with it."""
@@ -59,28 +61,8 @@ class ImageDecoder:
         if len(blob) > self.max_bytes:
             raise ImageRejected("too_large", f"{name} has {len(blob)} bytes, the limit is "
                                              f"{self.max_bytes} (--max-image-bytes)")
-        try:
-            with warnings.catch_warnings():
-                # Our own pixel limit below is the one that answers; Pillow's warning is noise.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
-                    return self._pixels(image, name)
-        except ImageRejected:
-            raise
-        except UnidentifiedImageError as e:
-            raise ImageRejected("not_image", f"{name} is not a {FORMAT_NAMES} image") from e
-        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
-                MemoryError) as e:
-            if is_bomb(e):
-                raise ImageRejected("too_large", f"{name}: {e}") from e
-            raise ImageRejected("corrupt", f"{name} is a corrupt or truncated {_fmt(blob)} image: {e}") from e
-
-    def _pixels(self, image: Image.Image, name: str) -> torch.Tensor:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageRejected("corrupt", f"{name} has no pixels ({width}x{height})")
-        self._check_size(width, height, name)
-        return self.transform(to_rgb8(image))  # the trainer's pixels: residual_store.images
+        self.probe(blob, name)
+        return self.transform(decode_rgb(blob, name))  # the trainer's pixels: residual_store.images
 
     def _check_size(self, width: int, height: int, name: str) -> None:
         if width * height > self.max_pixels:
@@ -116,9 +98,7 @@ class ImageDecoder:
             raise ImageRejected("not_image", f"{name} is not a {FORMAT_NAMES} image") from e
         except (Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
                 MemoryError) as e:
-            if is_bomb(e):
-                raise ImageRejected("too_large", f"{name}: {e}") from e
-            raise ImageRejected("corrupt", f"{name} is a corrupt or truncated {_fmt(blob)} image: {e}") from e
+            raise rejection(e, name, blob) from e
         if width < 1 or height < 1:
             raise ImageRejected("corrupt", f"{name} has no pixels ({width}x{height})")
         self._check_size(width, height, name)
@@ -132,27 +112,27 @@ class ImageDecoder:
         Cancelling the call (a timeout, a client that hung up) takes its images that have not
         started decoding out of the pool's queue at once."""
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(self._pool, self._probe_all, blobs)
+        each = await loop.run_in_executor(self._pool, self._probe_all, blobs)
+        pixels = sum(each)
         if self.max_request_pixels is not None and pixels > self.max_request_pixels:
             raise ImageRejected("too_large", f"the {len(blobs)} images of this request have "
                                              f"{pixels} pixels together, the limit is "
                                              f"{self.max_request_pixels} (--max-request-pixels)")
-        tensors = await asyncio.gather(*(loop.run_in_executor(self._pool, self.decode, blob, name)
-                                         for name, blob in blobs))
+        tensors = await asyncio.gather(*(self._decode_one(blob, name, n)
+                                         for (name, blob), n in zip(blobs, each)))
         return torch.stack(tensors)
 
-    def _probe_all(self, blobs: list[tuple[str, bytes]]) -> int:
-        return sum(self.probe(blob, name) for name, blob in blobs)
+    async def _decode_one(self, blob: bytes, name: str, pixels: int) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        if pixels <= PROCESS_PIXELS:
+            return await loop.run_in_executor(self._pool, self.decode, blob, name)
+        rgb = await self._processes.decode(blob, name)  # killed if this call is cancelled
+        return await loop.run_in_executor(self._pool, self.transform, rgb)
+
+    def _probe_all(self, blobs: list[tuple[str, bytes]]) -> list[int]:
+        return [self.probe(blob, name) for name, blob in blobs]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._processes.close()
 
-
-def _fmt(blob: bytes) -> str:
-    if blob[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if blob[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
-        return "WebP"
-    return "image"

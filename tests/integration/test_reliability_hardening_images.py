@@ -159,3 +159,29 @@ def test_a_truncated_image_is_refused_even_if_pillow_was_told_to_load_them(tmp_p
             assert resp.status_code == 400 and "truncated" in resp.json()["detail"], resp.text
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _slow_big_jpeg() -> bytes:
+    """36 MP progressive JPEG of 230 KB, one scan repeated 54 times (64 scans are allowed):
+    seconds of decoding."""
+    buf = io.BytesIO()
+    Image.linear_gradient("L").resize((6000, 6000)).save(buf, "JPEG", progressive=True, quality=50)
+    jpeg = buf.getvalue()
+    start, end = _scans(jpeg)[-1]
+    return jpeg[:end] + jpeg[start:end] * 54 + jpeg[end:]
+
+
+def test_a_decode_that_overruns_frees_its_slot_at_once(tmp_path_factory):
+    cfg = _config(tmp_path_factory, request_timeout=1.0, decode_workers=1)
+    big = io.BytesIO()
+    Image.effect_noise((1100, 1000), 64).convert("RGB").save(big, "PNG")
+    with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        resp = http.post("/predict?task=A", content=_slow_big_jpeg(),
+                         headers={"content-type": "image/jpeg"})
+        assert resp.status_code == 503 and "decoded" in resp.json()["detail"], resp.text
+        # The decode stopped with its request: this process (the embedded server) spends no
+        # more CPU on it; a thread would decode on for another second, holding the only slot.
+        cpu = time.process_time()
+        time.sleep(0.6)
+        assert time.process_time() - cpu < 0.25
+        assert _post(http, big.getvalue()).status_code == 200
