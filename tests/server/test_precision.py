@@ -112,3 +112,16 @@ def test_a_malformed_record_counts_as_none(tiny_model):
         assert recorded_accuracies(r) == {}
     r.metadata["metrics"] = json.dumps({ACCURACY_KEY: {"fp32": 0.8, "bf16": float("nan")}})
     assert recorded_accuracies(r) == {"fp32": 0.8}
+
+
+def test_precision_settings_are_validated_and_parsed():
+    from server.cli import build_parser, config_from_args
+    from server.config import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError) as info:
+        ServeConfig(precision="fp16", max_precision_drop=-1)
+    assert any("--precision 'fp16'" in p for p in info.value.problems)
+    assert any("--max-precision-drop -1" in p for p in info.value.problems)
+    cfg = config_from_args(build_parser().parse_args(["--precision", "bf16", "--max-precision-drop", "inf"]))
+    assert cfg.precision == "bf16" and math.isinf(cfg.max_precision_drop)
+    assert config_from_args(build_parser().parse_args([])).precision == "fp32"  # the default
