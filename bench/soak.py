@@ -7,7 +7,10 @@ The server is a `uda-serve` subprocess on uda-tiny-vit over a store with --tasks
 residuals each), a cache for about a fifth of them (so evictions are routine), and an admin
 token. Client threads loop on random tasks and images; --malformed of their requests are
 hostile (garbage bytes, truncated images, unknown or invalid task names, wrong content type).
-Every --churn-every seconds one task is republished, rolled back or evicted. Checked: zero 5xx
+Every --churn-every seconds one task is republished, rolled back or evicted. With
+--hostile-every S one more thread sends issue 24's hostile inputs (bench/hostile.py: a
+long-thin PNG, a many-scan JPEG, a 100 MB JSON body, slowloris connections, 1-byte chunks),
+one every S seconds, each of which must get a 4xx or a closed connection. Checked: zero 5xx
 for well-formed requests, every 200 equal to the reference of the version it names, the base
 fingerprint unchanged, server RSS growth after warm-up under --max-rss-growth. Prints the
 figures; exit 0 when every check holds, 1 otherwise.
@@ -32,6 +35,9 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+
+from bench import hostile
+from bench.hostile import KINDS as HOSTILE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,9 @@ class Figures:
     actions: Counter = dataclasses.field(default_factory=Counter)
     rss: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (seconds, bytes)
     fingerprints: list[bool] = dataclasses.field(default_factory=list)
+    hostile: Counter = dataclasses.field(default_factory=Counter)  # (kind, outcome) -> count
+    hostile_seconds: dict = dataclasses.field(default_factory=dict)  # kind -> [seconds]
+    peak_total_rss: int = 0  # the server and its decode processes together
 
 
 def build_tasks(n_tasks: int, seed: int) -> tuple[dict[str, list[Variant]], list[bytes], int]:
@@ -254,11 +263,41 @@ def monitor_loop(url: str, pid: int, figures: Figures, start: float, stop: threa
     with httpx.Client(base_url=url, timeout=60) as http:
         while not stop.wait(2.0):
             now = time.monotonic() - start
+            rss = proc.memory_info().rss
+            total = rss + sum(_rss(child) for child in proc.children(recursive=True))
             with figures.lock:
-                figures.rss.append((now, proc.memory_info().rss))
+                figures.rss.append((now, rss))
+                figures.peak_total_rss = max(figures.peak_total_rss, total)
             if now - last_fp >= 30:
                 last_fp = now
                 fingerprint_check(http, figures)
+
+
+def _rss(proc) -> int:
+    import psutil
+
+    try:
+        return proc.memory_info().rss
+    except psutil.Error:  # a decode process killed meanwhile
+        return 0
+
+
+def hostile_loop(url: str, kinds: list[str], tasks: list[str], figures: Figures, every: float,
+                 stop: threading.Event) -> None:
+    for kind in kinds:  # built before the clock matters
+        {"long-thin": hostile.long_thin_png, "many-scans": hostile.many_scans_jpeg,
+         "big-decode": hostile.big_decode_jpeg}.get(kind, lambda: None)()
+    i = 0
+    while not stop.wait(every):
+        kind = kinds[i % len(kinds)]
+        i += 1
+        try:
+            outcome, seconds = hostile.send(kind, url, tasks[i % len(tasks)])
+        except OSError as e:
+            outcome, seconds = f"error:{type(e).__name__}", float("nan")
+        with figures.lock:
+            figures.hostile[kind, outcome] += 1
+            figures.hostile_seconds.setdefault(kind, []).append(seconds)
 
 
 def fingerprint_check(http, figures: Figures) -> None:
@@ -292,10 +331,16 @@ def report(args, figures: Figures, seconds: float, log_path: Path) -> bool:
         "base fingerprint unchanged": bool(figures.fingerprints) and all(figures.fingerprints),
         "no traceback in the server log": tracebacks == 0,
     }
+    if args.hostile_every:
+        checks["hostile inputs got 4xx or a closed connection"] = bool(figures.hostile) and all(
+            outcome == "closed" or (outcome.isdigit() and 400 <= int(outcome) < 500)
+            or (outcome == "200" and kind in hostile.ACCEPTED) for kind, outcome in figures.hostile)
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3) if lat else (lambda q: float("nan"))
     print(f"soak: {seconds / 60:.1f} min on {MODEL}, {args.tasks} tasks x 2 residuals, {args.clients} clients, "
           f"cache for ~{args.cache_tasks} tasks, churn every {args.churn_every:g} s, "
-          f"{args.malformed * 100:g}% malformed, store {args.store or 'directory'}")
+          f"{args.malformed * 100:g}% malformed, store {args.store or 'directory'}" +
+          (f", hostile every {args.hostile_every:g} s: {','.join(args.hostile_kinds)}"
+           if args.hostile_every else ""))
     print(f"  well-formed requests {well} ({well / seconds:.1f}/s): " +
           ", ".join(f"{code}: {n}" for code, n in sorted(figures.codes.items())) +
           f"; transport errors {len(figures.transport_errors)}")
@@ -306,6 +351,11 @@ def report(args, figures: Figures, seconds: float, log_path: Path) -> bool:
     print("  store churn: " + ", ".join(f"{k} {v}" for k, v in sorted(figures.actions.items())))
     print(f"  server RSS after {args.warmup_minutes:g} min warm-up: {baseline / 2**20:.1f} MiB -> "
           f"{final / 2**20:.1f} MiB ({growth:+.2f}%), {len(figures.rss)} samples")
+    if args.hostile_every:
+        for kind, secs in sorted(figures.hostile_seconds.items()):
+            outcomes = ", ".join(f"{o}: {n}" for (k, o), n in sorted(figures.hostile.items()) if k == kind)
+            print(f"  hostile {kind}: {outcomes}; median {statistics.median(secs):.2f} s to the answer")
+        print(f"  peak RSS of the server and its decode processes: {figures.peak_total_rss / 2**20:.1f} MiB")
     print(f"  fingerprint checks {len(figures.fingerprints)}, all unchanged: {all(figures.fingerprints)}")
     print(f"  server log: {tracebacks} tracebacks, {log_text.count(' ERROR ')} ERROR lines")
     for problem in (figures.wrong + figures.transport_errors)[:5]:
@@ -330,8 +380,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--store", default=None,
                    help="redis://host:port/0 to soak on Redis (a unique prefix, removed after); "
                         "default: a temporary directory store")
+    p.add_argument("--hostile-every", type=float, default=0.0,
+                   help="seconds between issue 24's hostile inputs (0: none)")
+    p.add_argument("--hostile-kinds", default=",".join(HOSTILE_KINDS),
+                   help="comma-separated: " + ", ".join(HOSTILE_KINDS))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.hostile_kinds = [k for k in args.hostile_kinds.split(",") if k]
     problems = []
     if args.minutes <= 0:
         problems.append(f"--minutes {args.minutes} must be > 0")
@@ -339,6 +394,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         problems.append("--tasks, --clients and --cache-tasks must be >= 1")
     if not 0 <= args.malformed < 1:
         problems.append(f"--malformed {args.malformed} must be in [0, 1)")
+    if args.hostile_every < 0 or not set(args.hostile_kinds) <= set(HOSTILE_KINDS) or not args.hostile_kinds:
+        problems.append(f"--hostile-every must be >= 0 and --hostile-kinds among {','.join(HOSTILE_KINDS)}")
     if args.churn_every <= 0:
         problems.append(f"--churn-every {args.churn_every} must be > 0")
     if problems:
@@ -376,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for i in range(args.clients)]
         threads.append(threading.Thread(target=churn_loop, args=(url, store, tasks, ref, figures,
                                                                   args.churn_every, args.seed, stop)))
+        if args.hostile_every:
+            threads.append(threading.Thread(target=hostile_loop, args=(
+                url, args.hostile_kinds, sorted(tasks), figures, args.hostile_every, stop)))
         threads.append(threading.Thread(target=monitor_loop, args=(url, proc.pid, figures, start, stop)))
         for t in threads:
             t.start()
