@@ -9,6 +9,7 @@ of a whole request; and decoding counts against --request-timeout.
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import threading
 import time
@@ -185,3 +186,18 @@ def test_a_decode_that_overruns_frees_its_slot_at_once(tmp_path_factory):
         time.sleep(0.6)
         assert time.process_time() - cpu < 0.25
         assert _post(http, big.getvalue()).status_code == 200
+
+
+def test_a_client_that_hangs_up_stops_its_decode(tmp_path_factory):
+    cfg = _config(tmp_path_factory, decode_workers=1)
+    blob = _slow_big_jpeg()
+    with EmbeddedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        with socket.create_connection(("127.0.0.1", httpx.URL(srv.url).port)) as sock:
+            sock.sendall(b"POST /predict?task=A HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(blob), blob))
+            time.sleep(0.8)  # received, its header checked, a child decoding it (for seconds)
+        rs.wait_for("the child to be killed", lambda: srv.runtime.decoder._processes.killed == 1, 10)
+        cpu = time.process_time()
+        time.sleep(0.6)
+        assert time.process_time() - cpu < 0.25  # nobody decodes for the client that left
+        assert rs.predict(http, "A").status_code == 200

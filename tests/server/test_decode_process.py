@@ -63,3 +63,11 @@ def test_a_cancelled_decode_kills_its_child(decoder):
 
     assert asyncio.run(cancel_then_decode()).shape == (1, 3, 32, 32)
     assert decoder._processes.killed == 1
+
+
+def test_close_kills_the_idle_children(decoder):
+    asyncio.run(decoder.decode_many([("big.png", _png(1100, 1000))]))
+    procs = [child.proc for child in decoder._processes._idle]
+    assert procs and all(p.poll() is None for p in procs)
+    decoder.close()
+    assert all(p.poll() is not None for p in procs)
