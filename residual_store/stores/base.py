@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from residual_store.errors import InvalidTaskName
+from residual_store.errors import IntegrityError, InvalidTaskName, UnknownTask
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_KEEP = 5
+_READ_RETRIES = 3  # a blob trimmed between reading the index and reading it: read again
 
 
 def validate_task_name(task: object) -> str:
@@ -75,6 +77,37 @@ class ResidualStore(abc.ABC):
     """
 
     url: str
+    keep: int
+
+    def _set_keep(self, keep: object) -> None:
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1 (e.g. keep=5), got {keep!r}")
+        self.keep = keep
+
+    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
+        """The blob of `version` (default: current), its sha256 checked. UnknownTask if absent."""
+        attempt = 0
+        while True:
+            attempt += 1
+            info = self.info(task, version)
+            blob = self._read_blob(task, info)
+            where = self._blob_where(task, info.version)
+            if blob is None:
+                if attempt < _READ_RETRIES:
+                    continue  # trimmed by a concurrent publish: the fresh index tells
+                raise IntegrityError(f"{where} is missing but indexed")
+            if hashlib.sha256(blob).hexdigest() != info.sha256:
+                raise IntegrityError(f"{where}: sha256 differs from the one published "
+                                     f"({info.sha256[:12]}...); the blob was altered")
+            return info, blob
+
+    @abc.abstractmethod
+    def _read_blob(self, task: str, info: VersionInfo) -> bytes | None:
+        """The stored bytes of `info`'s version, None when they are gone (trimmed)."""
+
+    @abc.abstractmethod
+    def _blob_where(self, task: str, version: int) -> str:
+        """Where the blob lives (a path, a key), for error messages."""
 
     def publish(self, task: str, blob: bytes) -> VersionInfo:
         """Store `blob` as the task's next version and make it current."""
@@ -94,10 +127,6 @@ class ResidualStore(abc.ABC):
     def _publish(self, task: str, blob: bytes, metadata: dict[str, str]) -> VersionInfo:
         """Write `blob` as a new version with `metadata` (already validated) and make it
         current, atomically; a rollback has metadata["rolled_back_from"]."""
-
-    @abc.abstractmethod
-    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
-        """The blob of `version` (default: current). UnknownTask if absent."""
 
     @abc.abstractmethod
     def info(self, task: str, version: int | None = None) -> VersionInfo:
@@ -141,3 +170,19 @@ def _stamped(metadata: dict[str, str], rolled_back_from: int | None) -> dict[str
     if rolled_back_from is not None:
         metadata["rolled_back_from"] = str(rolled_back_from)
     return metadata
+
+
+def version_record(task: str, version: int, rec: Mapping[str, Any]) -> VersionInfo:
+    """A version as both stores record it ({sha256, size, created, metadata}); KeyError,
+    TypeError or ValueError when the record is corrupt (the caller names where it was)."""
+    return VersionInfo(task=task, version=version, sha256=rec["sha256"], size=int(rec["size"]),
+                       created=float(rec["created"]), metadata=dict(rec["metadata"]))
+
+
+def pick_version(task: str, current: int, versions: Mapping[int, Any], version: int | None) -> int:
+    """`version` (default: `current`) if retained, else UnknownTask naming what is."""
+    v = current if version is None else version
+    if v not in versions:
+        kept = ", ".join(str(n) for n in sorted(versions))
+        raise UnknownTask(f"task {task!r} has no version {v} (retained: {kept})")
+    return v

@@ -34,7 +34,9 @@ from residual_store.stores.base import (
     StoreEvent,
     TaskInfo,
     VersionInfo,
+    pick_version,
     validate_task_name,
+    version_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,6 @@ POLL_INTERVAL_S = 0.2  # how often events() compares current_versions()
 # tick of a coarse (1-2 s, NFS/FAT) mtime could otherwise keep all three.
 _STABLE_AFTER_S = 2.0
 _BLOB_RE = re.compile(r"^v(\d{8,})\.safetensors$")
-_READ_RETRIES = 3  # a blob trimmed between reading the index and opening it: read again
 
 
 def _blob_name(version: int) -> str:
@@ -69,10 +70,8 @@ class DirectoryStore(ResidualStore):
     """Versioned residuals in `root/tasks/<task>/`; writers serialise on a per-task flock."""
 
     def __init__(self, root: str | os.PathLike[str], keep: int = DEFAULT_KEEP):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be an integer >= 1 (e.g. keep=5), got {keep!r}")
+        self._set_keep(keep)
         self.root = Path(root).expanduser().absolute()
-        self.keep = keep
         self.url = f"file://{self.root}"
         # task -> ((inode, size, mtime_ns) of index.json, parsed index). Servers list every task
         # several times a second; reading and parsing each index every time cost them a
@@ -149,19 +148,13 @@ class DirectoryStore(ResidualStore):
     @staticmethod
     def _version_info(task: str, version: int, rec: dict[str, Any]) -> VersionInfo:
         try:
-            return VersionInfo(task=task, version=version, sha256=rec["sha256"],
-                               size=int(rec["size"]), created=float(rec["created"]),
-                               metadata=dict(rec["metadata"]))
+            return version_record(task, version, rec)
         except (KeyError, TypeError, ValueError) as e:
             raise IntegrityError(f"corrupt index entry for {task!r} v{version}: {e}") from e
 
     @staticmethod
     def _pick(task: str, index: dict[str, Any], version: int | None) -> int:
-        v = index["current"] if version is None else version
-        if v not in index["versions"]:
-            kept = ", ".join(str(n) for n in sorted(index["versions"]))
-            raise UnknownTask(f"task {task!r} has no version {v} (retained: {kept})")
-        return v
+        return pick_version(task, index["current"], index["versions"], version)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -170,25 +163,17 @@ class DirectoryStore(ResidualStore):
         v = self._pick(task, index, version)
         return self._version_info(task, v, index["versions"][v])
 
-    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
-        attempt = 0
-        while True:
-            attempt += 1
-            path, index = self._live_index(task)
-            v = self._pick(task, index, version)
-            info = self._version_info(task, v, index["versions"][v])
-            try:
-                blob = _read_nofollow(path / _blob_name(v))
-            except FileNotFoundError:
-                if attempt < _READ_RETRIES:
-                    continue  # trimmed by a concurrent publish: the fresh index tells
-                raise IntegrityError(f"{path / _blob_name(v)} is missing but indexed") from None
-            except OSError as e:
-                raise StoreUnavailable(f"cannot read {path / _blob_name(v)}: {e}") from e
-            if hashlib.sha256(blob).hexdigest() != info.sha256:
-                raise IntegrityError(f"{path / _blob_name(v)}: sha256 differs from the one "
-                                     f"published ({info.sha256[:12]}...); the file was altered")
-            return info, blob
+    def _blob_where(self, task: str, version: int) -> str:
+        return str(self._task_dir(task) / _blob_name(version))
+
+    def _read_blob(self, task: str, info: VersionInfo) -> bytes | None:
+        path = self._task_dir(task) / _blob_name(info.version)
+        try:
+            return _read_nofollow(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read {path}: {e}") from e
 
     def versions(self, task: str) -> list[VersionInfo]:
         _, index = self._live_index(task)

@@ -46,13 +46,14 @@ from residual_store.stores.base import (
     StoreEvent,
     TaskInfo,
     VersionInfo,
+    pick_version,
     validate_task_name,
+    version_record,
 )
 
 logger = logging.getLogger(__name__)
 
 PENDING_BLOB_TTL_MS = 3_600_000  # a blob not yet indexed expires unless the index script runs
-_READ_RETRIES = 3  # a blob trimmed between reading the index and GETting it: read again
 _EVENT_POLL_S = 0.5  # how often events() looks at its stop Event
 _BACKOFF_MAX_S = 5.0
 
@@ -151,10 +152,8 @@ class RedisStore(ResidualStore):
 
     def __init__(self, url: str, prefix: str | None = None, keep: int = DEFAULT_KEEP,
                  socket_timeout: float = 5.0):
-        if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be an integer >= 1 (e.g. keep=5), got {keep!r}")
+        self._set_keep(keep)
         clean, self.prefix, self._where, self.url = _split_url(url, prefix)
-        self.keep = keep
         kwargs: dict[str, Any] = {}
         if not urlsplit(url).password and os.environ.get("REDIS_PASSWORD"):
             kwargs["password"] = os.environ["REDIS_PASSWORD"]
@@ -235,10 +234,7 @@ class RedisStore(ResidualStore):
             for field, value in raw.items():
                 if field.startswith(b"v:"):
                     n = int(field[2:])
-                    rec = json.loads(value)
-                    versions[n] = VersionInfo(task=task, version=n, sha256=rec["sha256"],
-                                              size=int(rec["size"]), created=float(rec["created"]),
-                                              metadata=dict(rec["metadata"]))
+                    versions[n] = version_record(task, n, json.loads(value))
             current = int(raw[b"current"])
         except (ValueError, KeyError, TypeError) as e:
             raise IntegrityError(f"corrupt index {self._key('index', task)}: {e}") from e
@@ -254,31 +250,17 @@ class RedisStore(ResidualStore):
 
     def _pick(self, task: str, version: int | None) -> VersionInfo:
         current, versions = self._index(task)
-        v = current if version is None else version
-        if v not in versions:
-            kept = ", ".join(str(n) for n in sorted(versions))
-            raise UnknownTask(f"task {task!r} has no version {v} (retained: {kept})")
-        return versions[v]
+        return versions[pick_version(task, current, versions, version)]
 
     def info(self, task: str, version: int | None = None) -> VersionInfo:
         return self._pick(task, version)
 
-    def get(self, task: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
-        attempt = 0
-        while True:
-            attempt += 1
-            info = self._pick(task, version)
-            with self._errors():
-                blob = self._r.get(self._key("blob", task, info.version))
-            if blob is None:
-                if attempt < _READ_RETRIES:
-                    continue  # trimmed by a concurrent publish: the fresh index tells
-                raise IntegrityError(f"{self._key('blob', task, info.version)} is missing "
-                                     "but indexed")
-            if hashlib.sha256(blob).hexdigest() != info.sha256:
-                raise IntegrityError(f"{self._key('blob', task, info.version)}: sha256 differs "
-                                     f"from the one published ({info.sha256[:12]}...)")
-            return info, blob
+    def _blob_where(self, task: str, version: int) -> str:
+        return self._key("blob", task, version)
+
+    def _read_blob(self, task: str, info: VersionInfo) -> bytes | None:
+        with self._errors():
+            return self._r.get(self._key("blob", task, info.version))
 
     def versions(self, task: str) -> list[VersionInfo]:
         _, versions = self._index(task)
