@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.lite import zipf_weights
 from residual_store import make_residual
 from residual_store.flat import ParamLayout
 from residual_store.head import TaskHead
@@ -115,7 +116,7 @@ def images(n: int, size: int, seed: int) -> torch.Tensor:
 
 def zipf_probabilities(n_tasks: int, s: float = 1.0) -> np.ndarray:
     """P(task k) proportional to 1 / (k+1)^s: task 0 is the most popular."""
-    weights = 1.0 / np.arange(1, n_tasks + 1, dtype=np.float64) ** s
+    weights = np.asarray(zipf_weights(n_tasks, s), dtype=np.float64)
     return weights / weights.sum()
 
 

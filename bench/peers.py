@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from bench import common
+from bench.lite import int_list
 from residual_store import BaseSpec, PackedResidual, Residual
 from residual_store.errors import BaseModelError
 
@@ -560,13 +561,6 @@ def run(cfg: PeersConfig, checkpoint=None) -> dict:
     return payload()
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from e
-
-
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -578,9 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="uda-tiny-vit, N=3,6, 2 resident models, few batches, 1 thread (smoke test)")
     p.add_argument("--model", default=None, help=f"open_clip model (default: {d.model})")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    p.add_argument("--tasks", type=_ints, default=None, help="task counts N (default: 10,100)")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="default: 1,8")
-    p.add_argument("--batches", type=_ints, default=None,
+    p.add_argument("--tasks", type=int_list, default=None, help="task counts N (default: 10,100)")
+    p.add_argument("--batch-sizes", type=int_list, default=d.batch_sizes, help="default: 1,8")
+    p.add_argument("--batches", type=int_list, default=None,
                    help="measured batches per repeat, one per batch size (default: 4,1)")
     p.add_argument("--repeats", type=int, default=None, help=f"default: {d.repeats}")
     p.add_argument("--density", type=float, default=d.density, help="default: %(default)s")

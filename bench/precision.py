@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from bench.lite import int_list
 from residual_store import BaseSpec, FlatResidual, from_bytes
 from residual_store.errors import BaseModelError
 from residual_store.numerics import fp32_precision
@@ -301,13 +302,6 @@ def quick_workdir(root: Path) -> Path:
     return workdir
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from e
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.split("\n")[0])
     d = PrecisionConfig()
@@ -317,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--speed-model", default=None, help=f"model timed, random weights (default: {d.speed_model})")
     p.add_argument("--no-speed", action="store_true", help="accuracy only")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    p.add_argument("--batches", type=_ints, default=d.batches, help="batch sizes timed (default: 1,8)")
+    p.add_argument("--batches", type=int_list, default=d.batches, help="batch sizes timed (default: 1,8)")
     p.add_argument("--repeats", type=int, default=None, help=f"timed passes (default: {d.repeats}; --quick: 3)")
     p.add_argument("--eval-batch", type=int, default=d.eval_batch, help="default: %(default)s")
     p.add_argument("--modes", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),

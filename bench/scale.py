@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import common
+from bench.lite import float_list, int_list
 from residual_store.errors import BaseModelError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -264,28 +265,14 @@ def table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from e
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from e
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
     d = ScaleConfig()
     p.add_argument("--quick", action="store_true", help="uda-tiny-vit, 5 and 20 tasks, density 0.5%% only, --in-process (smoke test)")
     p.add_argument("--model", default=None, help=f"default: {d.model}")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N (default: %(default)s)")
-    p.add_argument("--tasks", type=_ints, default=None, help="checkpoints (default: 10,100,1000)")
-    p.add_argument("--densities", type=_floats, default=None, help="default: 0.001,0.005 (--quick: 0.005)")
+    p.add_argument("--tasks", type=int_list, default=None, help="checkpoints (default: 10,100,1000)")
+    p.add_argument("--densities", type=float_list, default=None, help="default: 0.001,0.005 (--quick: 0.005)")
     p.add_argument("--redis-url", default=d.redis_url, help="default: %(default)s")
     p.add_argument("--no-redis", action="store_true", help="directory store only")
     p.add_argument("--redis-max-tasks", type=int, default=d.redis_max_tasks, help="default: %(default)s")

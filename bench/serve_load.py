@@ -36,13 +36,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.lite import free_port, zipf_weights
+
 _METRICS = ("uda_residual_cache_hits_total", "uda_residual_cache_misses_total",
             "uda_swap_duration_seconds_count", "uda_swap_duration_seconds_sum",
             "uda_batch_size_count", "uda_batch_size_sum")
-
-
-def zipf_weights(n: int, s: float = 1.0) -> list[float]:
-    return [1.0 / (i + 1) ** s for i in range(n)]
 
 
 def publish_tasks(store_dir: Path, model: str, n: int, density: float, variants: int) -> list[str]:
@@ -286,7 +284,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = asyncio.run(bench(args, args.url, tasks, None))
         print(table(rows, f"serve_load against {args.url}"))
         return 0
-    from server.embedded import free_port
 
     from bench import common
 

@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from bench import hostile
 from bench.hostile import KINDS as HOSTILE_KINDS
+from bench.lite import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,6 @@ class Reference:
     def lookup(self, task: str, version: int) -> Variant | None:
         with self.lock:
             return self.by_version.get((task, version))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store_url: str, port: int, cache_bytes: int, log_path: Path) -> subprocess.Popen:
