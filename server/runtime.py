@@ -229,6 +229,15 @@ class ServeRuntime:
         self._require_started()
         return self.catalog.require(task)
 
+    def is_published(self, task: str) -> bool:
+        return self.catalog is not None and self.catalog.get(task) is not None
+
+    def published_count(self) -> int:
+        return len(self.catalog.tasks())
+
+    def is_resident(self, tv: TaskVersion) -> bool:
+        return self.cache.peek(tv.key) is not None
+
     async def infer(self, task: str, uploads: list[tuple[str, bytes]],
                     version: TaskVersion | None = None) -> BatchResult:
         """Scores of every upload under `task`'s current residual, or under `version` (one the
@@ -335,6 +344,17 @@ class ServeRuntime:
         """Each stream's base fingerprint now, applied residuals removed first."""
         self._require_started()
         return await asyncio.to_thread(lambda: [engine.fingerprint_now() for engine in self.engines])
+
+    async def fingerprint_report(self) -> dict[str, Any]:
+        """The base weights' sha256 now (any applied residual removed first) vs. at start, and
+        how many batches and swaps the model threads ran."""
+        streams = await self.fingerprints_now()
+        expected = self.engine.resident_fingerprint  # the bf16 weights' own with --precision bf16
+        changed = [fp for fp in streams if fp != expected]
+        return {"fingerprint": changed[0] if changed else expected, "expected": expected,
+                "unchanged": not changed, "streams": streams,
+                "batches": sum(w.batches for w in self.workers),
+                "swaps": sum(w.swaps for w in self.workers)}
 
     def _require_started(self) -> None:
         if not self.started:
