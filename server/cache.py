@@ -4,11 +4,14 @@ Every removal goes through ONE hook, `_on_evict`, which keeps the metrics and th
 A missing residual is loaded in a background thread (`load_async`); the model thread keeps
 serving other tasks meanwhile and is woken (`on_change`) when the load ends either way.
 Repeated loads of one key share one future; a residual that cannot fit next to the pinned ones
-raises CacheFull loudly instead of evicting a pinned entry.
+raises CacheFull loudly instead of evicting a pinned entry. The cache is the one place that
+holds loads in flight: `status(key)` answers resident / loading / failed / absent, and the
+failure of a load the model threads wait for stays there until they have told their requests.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import threading
 import time
@@ -65,6 +68,20 @@ def cached_nbytes(flat: PackedResidual, head: nn.Module) -> int:
     return flat.nbytes + head_nbytes(head)
 
 
+class LoadState(enum.Enum):
+    ABSENT = "absent"  # neither resident, loading nor a remembered failure: load it
+    LOADING = "loading"
+    RESIDENT = "resident"
+    FAILED = "failed"  # a watched load failed; the error waits to be told (forget_failure)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadStatus:
+    state: LoadState
+    entry: CachedResidual | None = None  # when RESIDENT
+    error: BaseException | None = None  # when FAILED
+
+
 Loader = Callable[[str, int, str], CachedResidual]  # (task, version, sha256) -> entry
 
 
@@ -86,6 +103,9 @@ class ResidualCache:
         self._pinned: set[str] = set()
         self._loading: dict[Key, Future] = {}
         self._unwanted: set[Key] = set()  # loading, but of a deleted task: not inserted
+        # Loads whose failure is remembered (requests wait for them), and those failures
+        self._watched: set[Key] = set()
+        self._failed: dict[Key, tuple[Future, BaseException]] = {}
         self._lock = threading.RLock()
         self._pool = DaemonPool(workers, "uda-load")
         self.bytes_used = 0
@@ -117,6 +137,39 @@ class ResidualCache:
     def is_loading(self, key: Key) -> bool:
         with self._lock:
             return key in self._loading
+
+    def status(self, key: Key, watch: bool = False) -> LoadStatus:
+        """Where `key` stands; with `watch`, a load in flight that fails is remembered as FAILED
+        (the model thread's requests wait for it) instead of leaving the key ABSENT."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return LoadStatus(LoadState.RESIDENT, entry=entry)
+            if key in self._loading:
+                if watch:
+                    self._watched.add(key)
+                return LoadStatus(LoadState.LOADING)
+            failed = self._failed.get(key)
+            if failed is not None:
+                return LoadStatus(LoadState.FAILED, error=failed[1])
+            return LoadStatus(LoadState.ABSENT)
+
+    def forget_failure(self, key: Key) -> None:
+        """The failure of `key` was told: the next request loads it again."""
+        with self._lock:
+            self._failed.pop(key, None)
+
+    def forget_failures(self, keep: Callable[[Key], bool] = lambda key: False) -> None:
+        """Drop the remembered failures but those `keep` is true of: a failure nobody waits for
+        any more would fail a later request with a stale error instead of loading again."""
+        with self._lock:
+            self._failed = {k: f for k, f in self._failed.items() if keep(k)}
+
+    def watched_loads(self) -> dict[Key, Future]:
+        """The loads the model threads wait for: running, or failed and not yet told."""
+        with self._lock:
+            return {**{k: f for k, f in self._loading.items() if k in self._watched},
+                    **{k: f for k, (f, _) in self._failed.items()}}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -215,11 +268,14 @@ class ResidualCache:
 
     # -- loading ------------------------------------------------------------------------------
 
-    def load_async(self, task: str, version: int, sha256: str) -> Future:
+    def load_async(self, task: str, version: int, sha256: str, watch: bool = False) -> Future:
         """Future of the entry for (task, sha256): done at once when resident, else loaded in
-        a background thread and inserted; `on_change` is called when the load ends."""
+        a background thread and inserted; `on_change` is called when the load ends. With
+        `watch`, its failure is remembered (see status)."""
         key = (task, sha256)
         with self._lock:
+            if watch:
+                self._watched.add(key)
             entry = self._entries.get(key)
             if entry is not None:
                 done: Future = Future()
@@ -235,6 +291,7 @@ class ResidualCache:
                 return future
             future = Future()
             self._loading[key] = future
+            self._failed.pop(key, None)  # loading again
         if self._metrics is not None:
             self._metrics.cache_miss()
         job = self._pool.submit(self._load, key, version, future)
@@ -243,11 +300,20 @@ class ResidualCache:
 
     def _abandon(self, key: Key, future: Future) -> None:
         """A load that will never run (the cache closed): whoever waits gets ShuttingDown."""
+        error = ShuttingDown(f"the server is stopping: {key[0]} was not loaded")
         with self._lock:
             if self._loading.get(key) is future:
                 del self._loading[key]
+                self._ended(key, future, error)
             self._unwanted.discard(key)
-        future.set_exception(ShuttingDown(f"the server is stopping: {key[0]} was not loaded"))
+        future.set_exception(error)
+
+    def _ended(self, key: Key, future: Future, error: BaseException | None) -> None:
+        """A load of `key` ended: remember its failure if watched. Called with the lock held, in
+        the same critical section that ends the load, so `status` never says ABSENT between."""
+        if error is not None and key in self._watched:
+            self._failed[key] = (future, error)
+        self._watched.discard(key)
 
     def _load(self, key: Key, version: int, future: Future) -> None:
         t0 = time.perf_counter()
@@ -265,12 +331,14 @@ class ResidualCache:
             with self._lock:
                 self._loading.pop(key, None)
                 self._unwanted.discard(key)
+                self._ended(key, future, e)
             future.set_exception(e)
         else:
             if self._metrics is not None:
                 self._metrics.observe_load(time.perf_counter() - t0)
             with self._lock:
                 self._loading.pop(key, None)
+                self._ended(key, future, None)
             future.set_result(entry)
         finally:
             self._on_change()

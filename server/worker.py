@@ -13,13 +13,13 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import Future
 
 import torch
 
 from residual_store.errors import UnknownTask
 from server.batcher import Batcher, PendingRequest
-from server.cache import Key
+from server.cache import CachedResidual, LoadState
+from server.catalog import TaskVersion
 from server.errors import RequestTimeout, ShuttingDown, TaskUnavailable
 from server.loader import refusal_reason
 
@@ -41,6 +41,14 @@ class BatchResult:
     model_ms: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadyTask:
+    """A queue whose residual is resident: the version its requests run, and its entry."""
+
+    version: TaskVersion
+    entry: CachedResidual
+
+
 class ModelWorker:
     """Runs the scheduler loop in one dedicated thread."""
 
@@ -51,7 +59,6 @@ class ModelWorker:
         self.batcher = batcher
         self.metrics = metrics
         self.name = name
-        self._loads: dict[Key, Future] = {}
         self._thread: threading.Thread | None = None
         self._stop_at: float | None = None  # monotonic deadline of a drain
         self.batches = 0
@@ -85,6 +92,11 @@ class ModelWorker:
             request.resolve(ShuttingDown("the server stopped before this request ran"))
         self.engine.restore()
         return len(dropped)
+
+    @property
+    def _loads(self):
+        """The loads this thread's requests wait for (the cache holds them): key -> future."""
+        return self.cache.watched_loads()
 
     @property
     def alive(self) -> bool:
@@ -121,19 +133,15 @@ class ModelWorker:
         self._run(ready[task], requests)
         return True
 
-    def _ready_tasks(self) -> dict[str, object]:
-        """queue -> (TaskVersion, entry) for queues whose residual is resident; starts loads for
-        the others and fails requests whose task (or pinned version) cannot be served."""
+    def _ready_tasks(self) -> dict[str, ReadyTask]:
+        """queue -> ReadyTask for queues whose residual is resident; starts loads for the others
+        and fails requests whose task (or pinned version) cannot be served."""
         ready = {}
         queues = self.batcher.pending_tasks()
         pending = {queue.partition("@")[0] for queue in queues}
-        # Kept: loads still running, and failures not yet told to the requests that waited for
-        # them. A finished future holds its CachedResidual, device memory beyond --cache-bytes
-        # once the cache evicted it (with --streams 2 the other thread may run every batch of
-        # the task, and this one would never drop it); a failure nobody waited for would fail a
-        # later request with a stale error instead of loading again.
-        self._loads = {key: f for key, f in self._loads.items()
-                       if not f.done() or (f.exception() is not None and key[0] in pending)}
+        # Failures are kept only while requests of their task wait: told to those, not to
+        # later requests, which load again.
+        self.cache.forget_failures(lambda key: key[0] in pending)
         for task in queues:
             try:
                 tv = self._version_of(task)
@@ -142,30 +150,31 @@ class ModelWorker:
                 continue
             if tv is None:  # a pinned queue emptied meanwhile (its client left)
                 continue
-            entry = self.cache.peek(tv.key)
-            if entry is not None:
-                ready[task] = (tv, entry)
-                continue
-            future = self._loads.get(tv.key)
-            if future is None:
-                self._loads[tv.key] = self.cache.load_async(tv.task, tv.version, tv.sha256)
-            elif future.done() and task != tv.task:  # a pinned version failed: only it is at fault
-                del self._loads[tv.key]
-                self._fail_task(task, self._unavailable(tv, future.exception()))
-            elif future.done():  # failed: finished successful loads were dropped above
-                error = future.exception()
-                # A version trimmed by newer publishes before it was loaded: serve the newest
-                # (one store read on this thread, only on that rare path). While the newest is
-                # still staging, the failed future stays put so the trimmed version is not
-                # fetched again; the requests wait (bounded by --request-timeout).
-                if isinstance(error, UnknownTask) and self.catalog.catch_up(task):
-                    continue
-                del self._loads[tv.key]
-                self.catalog.refuse_loaded(tv, error)  # a bad file is not fetched again
-                self._fail_task(task, self._unavailable(tv, error))
+            status = self.cache.status(tv.key, watch=True)
+            if status.state is LoadState.RESIDENT:
+                ready[task] = ReadyTask(tv, status.entry)
+            elif status.state is LoadState.ABSENT:
+                self.cache.load_async(tv.task, tv.version, tv.sha256, watch=True)
+            elif status.state is LoadState.FAILED:
+                self._load_failed(task, tv, status.error)
         return ready
 
-    def _version_of(self, queue: str):
+    def _load_failed(self, queue: str, tv: TaskVersion, error: BaseException) -> None:
+        if queue != tv.task:  # a pinned version failed: only it is at fault
+            self.cache.forget_failure(tv.key)
+            self._fail_task(queue, self._unavailable(tv, error))
+            return
+        # A version trimmed by newer publishes before it was loaded: serve the newest (one store
+        # read on this thread, only on that rare path). While the newest is still staging, the
+        # failure stays put so the trimmed version is not fetched again; the requests wait
+        # (bounded by --request-timeout).
+        if isinstance(error, UnknownTask) and self.catalog.catch_up(queue):
+            return
+        self.cache.forget_failure(tv.key)
+        self.catalog.refuse_loaded(tv, error)  # a bad file is not fetched again
+        self._fail_task(queue, self._unavailable(tv, error))
+
+    def _version_of(self, queue: str) -> TaskVersion | None:
         """The TaskVersion a queue's requests run: the served one, or the version its requests
         pinned (the task must still be served: a deleted task takes its versions along)."""
         task, _, pinned = queue.partition("@")
@@ -188,12 +197,10 @@ class ModelWorker:
         for request in self.batcher.take_all(task):
             request.resolve(error)
 
-    def _run(self, ready: tuple, requests: list[PendingRequest]) -> None:
-        tv, entry = ready
-        if requests[0].pinned is not None:
-            self._loads.pop(tv.key, None)  # the served version's loads are none of its business
-        for key in [k for k in self._loads if k[0] == tv.task and requests[0].pinned is None]:
-            del self._loads[key]  # this one's, and any superseded
+    def _run(self, ready: ReadyTask, requests: list[PendingRequest]) -> None:
+        tv, entry = ready.version, ready.entry
+        if requests[0].pinned is None:  # failures of superseded versions are told no one now
+            self.cache.forget_failures(lambda key: key[0] != tv.task)
         self.cache.get(entry.key)  # mark most recently used
         if self.metrics is not None:
             self.metrics.cache_hit()
