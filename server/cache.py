@@ -283,7 +283,9 @@ class ResidualCache:
                 return done
             if key in self._too_big:  # cannot fit whatever is evicted: no read, no parse
                 failed: Future = Future()
-                failed.set_exception(CacheFull(self._too_big[key]))
+                error = CacheFull(self._too_big[key])
+                failed.set_exception(error)
+                self._ended(key, failed, error)  # told to the model thread like a load's failure
                 return failed
             future = self._loading.get(key)
             if future is not None:

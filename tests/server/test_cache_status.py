@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from server.cache import LoadState, ResidualCache
-from server.errors import ShuttingDown
+from server.errors import CacheFull, ShuttingDown
 from tests.server.test_cache import entry
 
 
@@ -123,3 +123,23 @@ def test_a_load_that_never_runs_is_a_failure_when_watched():
     assert status.state is LoadState.FAILED and isinstance(status.error, ShuttingDown)
     loader.release.set()
     assert running.result(10).task == "A"
+
+
+def test_a_residual_larger_than_the_budget_is_failed_at_once_without_a_new_load():
+    calls = []
+
+    def loader(task, version, sha):
+        calls.append(task)
+        return entry(task, sha, nbytes=2000, version=version)
+
+    cache = ResidualCache(1000, loader)
+    key = ("big", "s1")
+    with pytest.raises(CacheFull):
+        cache.load_async("big", 1, "s1", watch=True).result(10)
+    assert cache.status(key).state is LoadState.FAILED
+    cache.forget_failure(key)
+    asked_again = cache.load_async("big", 1, "s1", watch=True)
+    assert asked_again.done() and calls == ["big"]  # no second read and parse
+    status = cache.status(key)
+    assert status.state is LoadState.FAILED and isinstance(status.error, CacheFull)
+    cache.close()
