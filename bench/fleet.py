@@ -74,7 +74,7 @@ def residual_cache_bytes(model: str, store_dir: Path, task: str) -> int:
 
 
 def start_fleet(args, store: Path, n: int, balance: str, tmp: Path, cache_bytes: int):
-    from server.embedded import free_port
+    from bench.lite import free_port
 
     ports = [free_port() for _ in range(n)]
     procs = [subprocess.Popen(
@@ -127,7 +127,7 @@ async def measure(args, proxy_url: str, replica_urls: list[str], procs, tasks: l
                   image: bytes, seed: int) -> dict:
     import httpx
 
-    from bench.serve_load import zipf_weights
+    from bench.lite import zipf_weights
 
     weights = zipf_weights(len(tasks))
     rng = random.Random(seed)
