@@ -11,8 +11,6 @@ version serving. The served version only moves forward (store versions increase)
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import threading
 import time
@@ -24,48 +22,30 @@ from residual_store.stores import validate_task_name
 from server.daemon_pool import DaemonPool
 from server.errors import TaskUnavailable
 from server.loader import refusal_reason
+from server.task_state import (
+    Action,
+    Refusal,
+    Refused,
+    Removed,
+    Stage,
+    StageFailed,
+    Superseded,
+    Switched,
+    TaskRecord,
+    TaskVersion,
+    deleted,
+    load_refused,
+    offered,
+    seen,
+    staged,
+)
 
 logger = logging.getLogger(__name__)
 
 _VERIFY_WORKERS = 2  # concurrent checks of new versions of cold tasks (each reads one file)
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskVersion:
-    """The served version of a task, from the store's metadata (no blob read needed)."""
-
-    task: str
-    version: int
-    sha256: str
-    metadata: dict[str, str]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.task, self.sha256)
-
-    @property
-    def classes(self) -> list[str]:
-        try:
-            return list(json.loads(self.metadata.get("classes", "[]")))
-        except (ValueError, TypeError, RecursionError):
-            return []
-
-    @property
-    def dsp(self) -> int | None:
-        try:
-            return int(self.metadata["dsp"])
-        except (KeyError, ValueError):
-            return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Refusal:
-    """A version the server would not serve, and why."""
-
-    version: int
-    sha256: str
-    reason: str  # metrics label: base_mismatch, invalid_format, integrity, load_failed
-    detail: str  # readable one-line explanation
+__all__ = ["Catalog", "Refusal", "TaskVersion"]
 
 
 class Catalog:
@@ -85,13 +65,9 @@ class Catalog:
         self.metrics = metrics
         self.reconcile_interval = reconcile_interval
         self._on_change = on_change or (lambda: None)
-        self._tasks: dict[str, TaskVersion] = {}
-        self._refused: dict[str, Refusal] = {}
-        # task -> (version, sha256) being loaded or checked before the switch
-        self._staging: dict[str, tuple[int, str]] = {}
-        # task -> how many times it was deleted: a load or check begun before a delete must not
-        # bring the task back when it ends
-        self._deletions: dict[str, int] = {}
+        # One record per task seen (served version, staging, refusal, generation); changed only
+        # through the transitions of server/task_state.py, under the lock.
+        self._records: dict[str, TaskRecord] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -105,14 +81,19 @@ class Catalog:
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, task: str) -> TaskVersion | None:
-        return self._tasks.get(task)
+        rec = self._records.get(task)
+        return rec.served if rec is not None else None
+
+    def _record(self, task: str) -> TaskRecord:
+        return self._records.get(task) or TaskRecord()
 
     def require(self, task: str) -> TaskVersion:
         """The served version of `task`; InvalidTaskName or UnknownTask otherwise."""
         validate_task_name(task)
-        tv = self._tasks.get(task)
+        rec = self._records.get(task) or TaskRecord()
+        tv = rec.served
         if tv is None:
-            refused = self._refused.get(task)
+            refused = rec.refusal
             if refused is not None:
                 raise TaskUnavailable(f"task {task!r} v{refused.version} was refused "
                                       f"({refused.reason}): {refused.detail}")
@@ -121,11 +102,11 @@ class Catalog:
 
     def tasks(self) -> dict[str, TaskVersion]:
         with self._lock:
-            return dict(self._tasks)
+            return {t: r.served for t, r in self._records.items() if r.served is not None}
 
     def refusals(self) -> dict[str, Refusal]:
         with self._lock:
-            return dict(self._refused)
+            return {t: r.refusal for t, r in self._records.items() if r.refusal is not None}
 
     # -- following the store ----------------------------------------------------------------------
 
@@ -154,7 +135,7 @@ class Catalog:
         known = set(self.tasks())
         with self._lock:
             # A delete that lands after the listing was read makes its entry for that task stale.
-            deletions = dict(self._deletions)
+            deletions = {t: r.generation for t, r in self._records.items()}
         try:
             # ping first: a directory store whose volume vanished would list "no tasks", and
             # deleting every task then would be wrong; unreachable means keep serving.
@@ -176,7 +157,7 @@ class Catalog:
         self.last_reconcile = time.time()
         self._note_reset(current)
         for task, info in sorted(current.items()):
-            served = self._tasks.get(task)
+            served = self.get(task)
             reset = served is not None and info.version < served.version and self._lost(task, served)
             if reset:
                 # Versions only increase in a live store: this one restarted and was republished.
@@ -195,11 +176,12 @@ class Catalog:
 
     def _note_reset(self, current: dict) -> None:
         """An empty store while tasks are served means lost data, not a delete of everything."""
-        if not current and self._tasks and not self._store_reset:
+        served = self.tasks()
+        if not current and served and not self._store_reset:
             self._store_reset = True
             logger.warning("store %s lists no tasks while %d are served: it restarted empty or "
                            "was wiped; serving them from the cache until they are republished",
-                           self.store.url, len(self._tasks))
+                           self.store.url, len(served))
 
     def catch_up(self, task: str) -> bool:
         """Move `task` towards the store's current version now; True when a newer version than
@@ -225,9 +207,9 @@ class Catalog:
     def _ahead_of(self, task: str, version: int) -> bool:
         """True when `task` is served or staging at a version newer than `version`."""
         with self._lock:
-            now = self._tasks.get(task)
-            staged = self._staging.get(task)
-            return now is not None and max(now.version, staged[0] if staged else -1) > version
+            rec = self._record(task)
+            now, staging = rec.served, rec.staging
+            return now is not None and max(now.version, staging[0] if staging else -1) > version
 
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""
@@ -284,10 +266,14 @@ class Catalog:
         the task the catalog had seen when the caller read the store, for a read that may have
         been overtaken by a delete since)."""
         with self._lock:
-            if self._overtaken(task, deletions) or self._settled(task, version, sha256, reset):
+            if self._overtaken(task, deletions):
+                return
+            rec, news = seen(self._record(task), version, sha256, reset)
+            self._records[task] = rec
+            if not news:
                 return
             if deletions is None:  # the store is read below: a delete meanwhile overtakes it
-                deletions = self._deletions.get(task, 0)
+                deletions = rec.generation
         try:
             info = info if info is not None else self.store.info(task, version)
         except UnknownTask:
@@ -299,117 +285,108 @@ class Catalog:
             return  # changed again meanwhile
         candidate = TaskVersion(task, version, sha256, dict(info.metadata))
         theirs = candidate.metadata.get("base_fingerprint", "")
+        mismatch = None if theirs == self.fingerprint else base_mismatch_detail(
+            candidate.metadata, self.fingerprint, self.activation)
         with self._lock:
             # Again: the lock was released for the store read, and the other follower (events
             # vs reconcile) may have refused, staged or switched to this version meanwhile.
-            if self._overtaken(task, deletions) or self._settled(task, version, sha256, reset):
+            if self._overtaken(task, deletions):
                 return
-            if theirs != self.fingerprint:
-                self._refuse(candidate, "base_mismatch",
-                             base_mismatch_detail(candidate.metadata, self.fingerprint, self.activation))
-                return
-            old = self._tasks.get(task)
-            warm = old is not None and (self.cache.peek(old.key) is not None or task in self.cache.pinned)
-            cold_known = old is not None and not warm and self._verify is not None
-            if warm or cold_known or (old is None and task in self.cache.pinned):
-                self._staging[task] = (version, sha256)
-            else:
-                self._switch(candidate, reset)
-                return
-        if cold_known:
-            # A served version exists but is not resident: check the new file before it replaces
-            # it (no device upload), or a bad file would turn a cold good task into a 503. Off
-            # this thread: a follower waiting on one file would hold every other change back.
-            future = self._verifier.submit(self._verify, task, version, sha256)
-        else:
-            future = self.cache.load_async(task, version, sha256)
-        future.add_done_callback(lambda f, c=candidate: self._staged(c, f, deletions, reset))
+            rec = self._record(task)
+            old, pinned = rec.served, task in self.cache.pinned
+            warm = old is not None and (self.cache.peek(old.key) is not None or pinned)
+            stages = self._step(task, *offered(rec, candidate, reset=reset, mismatch=mismatch,
+                                               warm=warm, pinned=pinned,
+                                               can_check=self._verify is not None))
+        self._start(stages, deletions, reset)
 
     def _overtaken(self, task: str, deletions: int | None) -> bool:
         """True when `task` was deleted since a read that saw `deletions` deletes of it."""
-        return deletions is not None and self._deletions.get(task, 0) != deletions
+        return deletions is not None and self._record(task).generation != deletions
 
-    def _settled(self, task: str, version: int, sha256: str, reset: bool) -> bool:
-        """True when the store's (version, sha256) of `task` needs nothing more from consider:
-        old news, the served bytes under a new number (recorded here), refused or loading
-        already. Called with the lock held."""
-        old = self._tasks.get(task)
-        if old is not None and version <= old.version and not (reset and version != old.version):
-            return True  # old news (events and reconcile overlap)
-        if old is not None and old.sha256 == sha256:
-            # Same bytes under a higher number (a rollback to what is served): nothing to load.
-            self._tasks[task] = dataclasses.replace(old, version=version)
-            return True
-        refused = self._refused.get(task)
-        if refused is not None and (refused.version, refused.sha256) == (version, sha256):
-            # Counted and logged once already. The sha too: a store reset numbers from 1 again,
-            # and the file refused as v1 before it says nothing about the v1 of now.
-            return True
-        staged = self._staging.get(task)
-        if staged == (version, sha256):
-            return True  # loading or checked already, after a store reset too
-        return staged is not None and staged[0] >= version and not reset  # a newer one loading
+    def _step(self, task: str, rec: TaskRecord, actions: list[Action]) -> list[Stage]:
+        """Store a transition's record and carry out its actions in the same critical section
+        (the caller holds the lock), so the cache, the logs and the metrics follow the records
+        in order; returns the loads and checks to start once the lock is released."""
+        self._records[task] = rec
+        for action in actions:
+            if isinstance(action, Switched):
+                # In-flight batches hold their entry; the next batch looks the new key up.
+                self.cache.evict_task(task, keep_sha=action.new.sha256, reason="replaced")
+                self._switched(action)
+            elif isinstance(action, Superseded):
+                self.cache.evict(action.candidate.key, reason="superseded")
+            elif isinstance(action, Refused):
+                self._refused(action)
+            elif isinstance(action, StageFailed):
+                # Not the residual's fault (store blip...): the next reconcile tries again.
+                logger.warning("could not stage %s v%d: %s", task, action.candidate.version,
+                               action.detail)
+            elif isinstance(action, Removed):
+                self.cache.evict_task(task, reason="deleted", loading_too=True)
+                if action.served is not None:
+                    logger.info("task %s deleted from the store", task)
+                    if self.metrics is not None:
+                        self.metrics.published(len(self.tasks()))
+                        self.metrics.forget_task(task)
+                    self._on_change()
+        return [action for action in actions if isinstance(action, Stage)]
 
-    def _staged(self, candidate: TaskVersion, future: Future, deletions: int,
+    def _start(self, stages: list[Stage], generation: int, reset: bool = False) -> None:
+        for stage in stages:
+            self._stage(stage, generation, reset)
+
+    def _stage(self, action: Stage, generation: int, reset: bool) -> None:
+        c = action.candidate
+        if action.check:
+            # A served version exists but is not resident: check the new file before it
+            # replaces it (no device upload), or a bad file would turn a cold good task into a
+            # 503. Off this thread: a follower waiting on one file would hold every other
+            # change back.
+            future = self._verifier.submit(self._verify, c.task, c.version, c.sha256)
+        else:
+            future = self.cache.load_async(c.task, c.version, c.sha256)
+        future.add_done_callback(lambda f: self._staged(c, f, generation, reset))
+
+    def _staged(self, candidate: TaskVersion, future: Future, generation: int,
                 reset: bool = False) -> None:
         cancelled = future.cancelled()  # the check never ran: the catalog stopped
         error = None if cancelled else future.exception()
         reason = refusal_reason(error) if error is not None else None
+        refusal = Refusal(candidate.version, candidate.sha256, reason, str(error)) if reason else None
+        failed = str(error) if error is not None and reason is None else None
         with self._lock:
-            if self._staging.get(candidate.task) == (candidate.version, candidate.sha256):
-                del self._staging[candidate.task]
-            if cancelled:
-                return
-            if self._overtaken(candidate.task, deletions):
-                return  # deleted while it loaded (the cache did not keep the entry either)
-            if error is None:
-                self._switch(candidate, reset)
-                return
-            if reason is not None:
-                # Recorded in the same critical section that ends the staging, so the other
-                # follower (events vs reconcile) cannot stage, count and log it a second time.
-                self._refused[candidate.task] = Refusal(candidate.version, candidate.sha256,
-                                                        reason, str(error))
-        if reason is None:
-            # Not the residual's fault (store blip...): the next reconcile tries again.
-            logger.warning("could not stage %s v%d: %s", candidate.task, candidate.version, error)
-            return
-        self._refuse(candidate, reason, str(error), counted=True)
+            self._step(candidate.task, *staged(
+                self._record(candidate.task), candidate, generation, cancelled=cancelled,
+                refusal=refusal, error=failed, reset=reset))
 
-    def _switch(self, candidate: TaskVersion, reset: bool = False) -> None:
-        with self._lock:
-            old = self._tasks.get(candidate.task)
-            if old is not None and candidate.version <= old.version and not reset:
-                # Superseded while it loaded (a newer version switched first): its entry would
-                # sit in the cache unused, and forever for a pinned task.
-                if candidate.sha256 != old.sha256:
-                    self.cache.evict(candidate.key, reason="superseded")
-                return
-            self._tasks[candidate.task] = candidate
-            self._refused.pop(candidate.task, None)
-            # In-flight batches hold their entry; the next batch looks the new key up.
-            self.cache.evict_task(candidate.task, keep_sha=candidate.sha256, reason="replaced")
-            count = len(self._tasks)
+    def _switched(self, action: Switched) -> None:
+        old, new = action.old, action.new
         if old is None:
-            logger.info("task %s v%d published", candidate.task, candidate.version)
+            logger.info("task %s v%d published", new.task, new.version)
         else:
-            logger.info("task %s now serves v%d (was v%d)", candidate.task, candidate.version, old.version)
+            logger.info("task %s now serves v%d (was v%d)", new.task, new.version, old.version)
         if self.metrics is not None:
-            self.metrics.published(count)
-            self.metrics.resident(candidate.task, self.cache.peek(candidate.key) is not None)
-            self.metrics.served_version(candidate.task, candidate.version)
-        if candidate.task in self.cache.pinned and self.cache.peek(candidate.key) is None:
-            self.cache.load_async(candidate.task, candidate.version, candidate.sha256)
+            self.metrics.published(len(self.tasks()))
+            self.metrics.resident(new.task, self.cache.peek(new.key) is not None)
+            self.metrics.served_version(new.task, new.version)
+        if new.task in self.cache.pinned and self.cache.peek(new.key) is None:
+            self.cache.load_async(new.task, new.version, new.sha256)
         self._on_change()
 
-    def _refuse(self, candidate: TaskVersion, reason: str, detail: str, counted: bool = False) -> None:
-        with self._lock:
-            self._refused[candidate.task] = Refusal(candidate.version, candidate.sha256, reason, detail)
-            serving = self._tasks.get(candidate.task)
-        logger.error("refused %s v%d (%s): %s; %s", candidate.task, candidate.version, reason, detail,
+    def _refused(self, action: Refused) -> None:
+        c, refusal = action.candidate, action.refusal
+        serving = self.get(c.task)
+        logger.error("refused %s v%d (%s): %s; %s", c.task, c.version, refusal.reason,
+                     refusal.detail,
                      f"v{serving.version} keeps serving" if serving else "the task stays unavailable")
-        if self.metrics is not None and not counted:
-            self.metrics.refusal(reason)
+        if self.metrics is not None and not action.counted:
+            self.metrics.refusal(refusal.reason)
+        if action.unpublished:
+            if self.metrics is not None:
+                self.metrics.published(len(self.tasks()))
+                self.metrics.forget_task(c.task)
+            self._on_change()
 
     def refuse_loaded(self, tv: TaskVersion, error: BaseException) -> None:
         """A load of the served `tv` failed. If the file itself is bad (a refusal), the task
@@ -420,17 +397,9 @@ class Catalog:
         reason = refusal_reason(error)
         if reason is None:
             return  # not the file's fault (store blip, cache full): the next request tries again
+        refusal = Refusal(tv.version, tv.sha256, reason, str(error))  # the loader counted it
         with self._lock:
-            served = self._tasks.get(tv.task)
-            if served is None or served.sha256 != tv.sha256:
-                return  # moved on meanwhile, or refused already (by the other model thread)
-            del self._tasks[tv.task]
-            self._refuse(served, reason, str(error), counted=True)  # the loader counted it
-            count = len(self._tasks)
-        if self.metrics is not None:
-            self.metrics.published(count)
-            self.metrics.forget_task(tv.task)
-        self._on_change()
+            self._step(tv.task, *load_refused(self._record(tv.task), tv, refusal))
 
     def _confirmed_remove(self, task: str) -> None:
         """Remove after a delete event or a listing without `task` only if the store, reachable,
@@ -446,15 +415,4 @@ class Catalog:
 
     def remove(self, task: str) -> None:
         with self._lock:
-            self._refused.pop(task, None)
-            self._staging.pop(task, None)
-            self._deletions[task] = self._deletions.get(task, 0) + 1
-            self.cache.evict_task(task, reason="deleted", loading_too=True)
-            if self._tasks.pop(task, None) is None:
-                return
-            count = len(self._tasks)
-        logger.info("task %s deleted from the store", task)
-        if self.metrics is not None:
-            self.metrics.published(count)
-            self.metrics.forget_task(task)
-        self._on_change()
+            self._step(task, *deleted(self._record(task)))
