@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
+from types import MappingProxyType
 
 from residual_store.errors import ResidualStoreError, UnknownTask
 from residual_store.residual import base_mismatch_detail
@@ -68,6 +70,9 @@ class Catalog:
         # One record per task seen (served version, staging, refusal, generation); changed only
         # through the transitions of server/task_state.py, under the lock.
         self._records: dict[str, TaskRecord] = {}
+        # task -> served version, replaced (never changed) after each change of a served
+        # version: model threads and request handlers read it without the lock.
+        self._served: Mapping[str, TaskVersion] = MappingProxyType({})
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -81,8 +86,7 @@ class Catalog:
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, task: str) -> TaskVersion | None:
-        rec = self._records.get(task)
-        return rec.served if rec is not None else None
+        return self._served.get(task)
 
     def _record(self, task: str) -> TaskRecord:
         return self._records.get(task) or TaskRecord()
@@ -101,8 +105,7 @@ class Catalog:
         return tv
 
     def tasks(self) -> dict[str, TaskVersion]:
-        with self._lock:
-            return {t: r.served for t, r in self._records.items() if r.served is not None}
+        return dict(self._served)
 
     def refusals(self) -> dict[str, Refusal]:
         with self._lock:
@@ -269,7 +272,7 @@ class Catalog:
             if self._overtaken(task, deletions):
                 return
             rec, news = seen(self._record(task), version, sha256, reset)
-            self._records[task] = rec
+            self._put(task, rec)
             if not news:
                 return
             if deletions is None:  # the store is read below: a delete meanwhile overtakes it
@@ -308,7 +311,7 @@ class Catalog:
         """Store a transition's record and carry out its actions in the same critical section
         (the caller holds the lock), so the cache, the logs and the metrics follow the records
         in order; returns the loads and checks to start once the lock is released."""
-        self._records[task] = rec
+        self._put(task, rec)
         for action in actions:
             if isinstance(action, Switched):
                 # In-flight batches hold their entry; the next batch looks the new key up.
@@ -327,10 +330,19 @@ class Catalog:
                 if action.served is not None:
                     logger.info("task %s deleted from the store", task)
                     if self.metrics is not None:
-                        self.metrics.published(len(self.tasks()))
+                        self.metrics.published(len(self._served))
                         self.metrics.forget_task(task)
                     self._on_change()
         return [action for action in actions if isinstance(action, Stage)]
+
+    def _put(self, task: str, rec: TaskRecord) -> None:
+        """Store `task`'s record (the lock held) and publish a new snapshot of the served
+        versions when its served version changed."""
+        old = self._records.get(task)
+        self._records[task] = rec
+        if (old.served if old is not None else None) != rec.served:
+            served = {t: r.served for t, r in self._records.items() if r.served is not None}
+            self._served = MappingProxyType(served)
 
     def _start(self, stages: list[Stage], generation: int, reset: bool = False) -> None:
         for stage in stages:
@@ -367,7 +379,7 @@ class Catalog:
         else:
             logger.info("task %s now serves v%d (was v%d)", new.task, new.version, old.version)
         if self.metrics is not None:
-            self.metrics.published(len(self.tasks()))
+            self.metrics.published(len(self._served))
             self.metrics.resident(new.task, self.cache.peek(new.key) is not None)
             self.metrics.served_version(new.task, new.version)
         if new.task in self.cache.pinned and self.cache.peek(new.key) is None:
@@ -384,7 +396,7 @@ class Catalog:
             self.metrics.refusal(refusal.reason)
         if action.unpublished:
             if self.metrics is not None:
-                self.metrics.published(len(self.tasks()))
+                self.metrics.published(len(self._served))
                 self.metrics.forget_task(c.task)
             self._on_change()
 
