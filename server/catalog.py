@@ -94,10 +94,9 @@ class Catalog:
     def require(self, task: str) -> TaskVersion:
         """The served version of `task`; InvalidTaskName or UnknownTask otherwise."""
         validate_task_name(task)
-        rec = self._records.get(task) or TaskRecord()
-        tv = rec.served
+        tv = self._served.get(task)
         if tv is None:
-            refused = rec.refusal
+            refused = self._record(task).refusal
             if refused is not None:
                 raise TaskUnavailable(f"task {task!r} v{refused.version} was refused "
                                       f"({refused.reason}): {refused.detail}")
