@@ -165,6 +165,14 @@ class ResidualCache:
         with self._lock:
             self._failed = {k: f for k, f in self._failed.items() if keep(k)}
 
+    def unwatch_task(self, task: str) -> None:
+        """Forget the failures of `task`'s loads and stop watching the ones in flight: a batch
+        of its served version ran, so nobody waits for them (a superseded version's load that
+        fails later must not fail a later request)."""
+        with self._lock:
+            self._failed = {k: f for k, f in self._failed.items() if k[0] != task}
+            self._watched = {k for k in self._watched if k[0] != task}
+
     def watched_loads(self) -> dict[Key, Future]:
         """The loads the model threads wait for: running, or failed and not yet told."""
         with self._lock:

@@ -199,8 +199,8 @@ class ModelWorker:
 
     def _run(self, ready: ReadyTask, requests: list[PendingRequest]) -> None:
         tv, entry = ready.version, ready.entry
-        if requests[0].pinned is None:  # failures of superseded versions are told no one now
-            self.cache.forget_failures(lambda key: key[0] != tv.task)
+        if requests[0].pinned is None:  # the task's other loads are told no one now
+            self.cache.unwatch_task(tv.task)
         self.cache.get(entry.key)  # mark most recently used
         if self.metrics is not None:
             self.metrics.cache_hit()
