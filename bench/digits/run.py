@@ -68,9 +68,9 @@ class RunConfig:
     epochs: int = 3  # uda-train --epochs
     iters_per_epoch: int = 100  # uda-train --iters-per-epoch
     batch_size: int | None = None  # uda-train --batch-size; None: the preset's (64 + 64)
-    lr: float = 1e-3  # uda-train --lr, the encoder's (scaled to this 1.3 M-parameter teacher)
+    lr: float = 2e-3  # uda-train --lr, the encoder's (scaled to this 1.3 M-parameter teacher)
     head_lr_mult: float = 10.0  # uda-train --head-lr-mult: the head trains at lr x this
-    tau: float = 1e-4  # uda-train --tau for the RST runs
+    tau: float = 3e-4  # uda-train --tau for the RST runs: under 3% of the encoder at this lr (RESULTS.md)
     extra: tuple[str, ...] = ()  # more uda-train flags, passed to every trained run
     teacher_quick: bool = False  # pre-train the teacher with teacher.QUICK settings (tests)
     teacher_steps: int | None = None  # override the teacher's optimiser steps

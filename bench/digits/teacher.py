@@ -186,17 +186,17 @@ def zero_shot(model: torch.nn.Module, tokenizer, root: Path, domains: Sequence[s
     transform = eval_transform(input_size(model))
     out = {}
     for domain in domains:
-        per_class = {}
-        for label, cls in enumerate(classes):
-            files = sorted((Path(root) / domain / cls).glob("*.png"))
-            if files:
-                x = torch.stack([transform(Image.open(f)) for f in files])
-                pred = (F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(dim=1)
-                per_class[cls] = (int((pred == label).sum()), len(files))
-        total = sum(n for _, n in per_class.values())
-        out[domain] = {"accuracy": sum(k for k, _ in per_class.values()) / total if total else math.nan,
-                       "mean_class_accuracy": float(np.mean([k / n for k, n in per_class.values()]))
-                       if per_class else math.nan}
+        files = [(f, label) for label, cls in enumerate(classes)
+                 for f in sorted((Path(root) / domain / cls).glob("*.png"))]
+        preds = []
+        for i in range(0, len(files), 256):
+            x = torch.stack([transform(Image.open(f)) for f, _ in files[i:i + 256]])
+            preds.append((F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(dim=1))
+        labels = torch.tensor([label for _, label in files], dtype=torch.long)
+        right = torch.cat(preds) == labels if files else torch.zeros(0, dtype=torch.bool)
+        per_class = [float(right[labels == c].float().mean()) for c in range(len(classes)) if (labels == c).any()]
+        out[domain] = {"accuracy": float(right.float().mean()) if files else math.nan,
+                       "mean_class_accuracy": float(np.mean(per_class)) if per_class else math.nan}
     return out
 
 
@@ -215,27 +215,32 @@ def ensure_teacher(cfg: TeacherConfig, data_root: Path | None = None,
         if data_root is None or set(domains) <= set(sidecar.get("zero_shot", {})):
             logger.info("reusing teacher %s", out)
             return sidecar
-    started = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # the zero-shot pass too: extra threads only wait on a busy CPU
     try:
-        model, history = pretrain(cfg, font_list)
+        sidecar = _train_and_measure(cfg, font_list, identity, data_root, domains)
     finally:
         torch.set_num_threads(threads)
+    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def _train_and_measure(cfg: TeacherConfig, font_list: Sequence[fonts.Font], identity: dict,
+                       data_root: Path | None, domains: Sequence[str]) -> dict:
+    started = time.perf_counter()
+    model, history = pretrain(cfg, font_list)
     seconds = time.perf_counter() - started
-    save_checkpoint(model, out)
+    save_checkpoint(model, Path(cfg.out))
     # Zero-shot is measured on the checkpoint as loaded, exactly what uda-train will get.
-    spec = BaseSpec(cfg.model, str(out))
+    spec = BaseSpec(cfg.model, str(cfg.out))
     try:
         loaded = spec.build("cpu")
     except BaseModelError as e:
         raise RuntimeError(f"the saved teacher does not load back: {e}") from e
     accuracy = zero_shot(loaded, spec.tokenizer(), data_root, domains) if data_root else {}
-    sidecar = {"settings": identity, "checkpoint": str(out), "pretrain_seconds": round(seconds, 1),
-               "history": history, "zero_shot": accuracy, "prompt": ZERO_SHOT_PROMPT,
-               "logit_scale": float(loaded.logit_scale.detach().exp())}
-    sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
-    return sidecar
+    return {"settings": identity, "checkpoint": str(cfg.out), "pretrain_seconds": round(seconds, 1),
+            "history": history, "zero_shot": accuracy, "prompt": ZERO_SHOT_PROMPT,
+            "logit_scale": float(loaded.logit_scale.detach().exp())}
 
 
 def config_from(args: argparse.Namespace) -> TeacherConfig:
