@@ -47,6 +47,9 @@ def create_app(config: ServeConfig, runtime: ServeRuntime | None = None) -> Fast
     app.state.config = config
     app.state.admin_token = admin_token
     for router in ROUTERS:
-        app.include_router(router)
+        # The routes themselves rather than include_router: FastAPI 0.165 keeps an included
+        # router as one opaque node, and app.routes must list every path (tests/ops reads it).
+        # Each APIRoute already carries its router's dependencies.
+        app.router.routes.extend(router.routes)
     install_pages(app, docs=config.docs)
     return app
