@@ -25,6 +25,7 @@ from torch import nn
 from residual_store import PackedResidual, ParamLayout, Residual
 from server.daemon_pool import DaemonPool
 from server.errors import CacheFull, ShuttingDown
+from server.torch_threads import one_core
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ResidualCache:
         self._watched: set[Key] = set()
         self._failed: dict[Key, tuple[Future, BaseException]] = {}
         self._lock = threading.RLock()
-        self._pool = DaemonPool(workers, "uda-load")
+        self._pool = DaemonPool(workers, "uda-load", initializer=one_core)
         self.bytes_used = 0
 
     # -- reads --------------------------------------------------------------------------------

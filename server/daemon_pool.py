@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 class DaemonPool:
-    def __init__(self, workers: int, name: str):
+    def __init__(self, workers: int, name: str, initializer: Callable[[], Any] | None = None):
         self._name = name
+        self._initializer = initializer  # run first on each thread, as ThreadPoolExecutor's
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -41,6 +42,8 @@ class DaemonPool:
         return future
 
     def _work(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while (item := self._queue.get()) is not None:
             self._run(*item)
             # An idle thread must not keep the last call's arguments and result alive (a

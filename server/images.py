@@ -24,6 +24,7 @@ from residual_store.images import FORMAT_NAMES, ImageDecodeError, limit_decoder,
 from residual_store.preprocess import eval_transform
 from server.decode_process import PROCESS_PIXELS, DecodeProcesses, decode_rgb, rejection
 from server.errors import ImageRejected
+from server.torch_threads import one_core
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class ImageDecoder:
         self.max_request_pixels = max_request_pixels
         self.transform = eval_transform(size)
         limit_decoder(max_pixels)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-decode")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uda-decode",
+                                        initializer=one_core)
         self._processes = DecodeProcesses(min(workers, 2), size, max_pixels)
 
     def decode(self, blob: bytes, name: str = "image") -> torch.Tensor:

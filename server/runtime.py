@@ -15,8 +15,6 @@ import asyncio
 import logging
 from typing import Any
 
-import torch
-
 from residual_store.errors import StoreUnavailable, one_line
 from residual_store.stores import open_store
 from server.batcher import Batcher, PendingRequest
@@ -29,6 +27,7 @@ from server.images import ImageDecoder
 from server.loader import ResidualLoader, refusal_reason
 from server.log_hygiene import install_log_filters, public_detail
 from server.metrics import Metrics
+from server.torch_threads import cores, one_core, use_cores
 from server.worker import BatchResult, ModelWorker
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class ServeRuntime:
         self.store = open_store(config.store)
         self.engine = SwapEngine(config.base_spec(), config.device, config.precision)
         self.engines: list[SwapEngine] = [self.engine]  # + replicas with --streams
-        self.threads_per_stream = torch.get_num_threads()
+        self.threads_per_stream = cores()
         self._threads_before: int | None = None  # torch's setting, put back by stop()
         self.cache: ResidualCache | None = None
         self.catalog: Catalog | None = None
@@ -68,8 +67,8 @@ class ServeRuntime:
         if cfg.streams > 1 and resolve_device(cfg.device).type != "cpu":
             raise ValueError(f"--streams {cfg.streams} is for CPUs; on {cfg.device} one model thread "
                              "keeps the accelerator busy: use --streams 1")
-        self.engine.setup()
         self._split_threads(cfg.streams)
+        self.engine.setup()
         self.engines += [self.engine.replica() for _ in range(cfg.streams - 1)]
         self.batcher = Batcher(cfg.max_batch, cfg.max_wait_s, cfg.max_queue,
                                on_depth=self.metrics.queue, streams=cfg.streams)
@@ -88,25 +87,26 @@ class ServeRuntime:
                                     max_side=cfg.max_image_side, max_aspect=cfg.max_image_aspect,
                                     max_request_pixels=cfg.max_request_pixels)
         self.workers = [ModelWorker(engine, self.cache, self.catalog, self.batcher, self.metrics,
-                                    name=f"uda-model-{i}") for i, engine in enumerate(self.engines)]
+                                    name=f"uda-model-{i}", cores=self.threads_per_stream)
+                        for i, engine in enumerate(self.engines)]
         self.catalog.start()
         self._preload()
         for worker in self.workers:
             worker.start()
+        one_core()  # each model thread set its share, which threads starting torch later would take
         self.started = True
 
     def _split_threads(self, streams: int) -> None:
-        """cores/streams torch threads per model thread. torch keeps the setting per thread and
-        gives threads started later the last value set, so set it before the model threads start."""
-        if streams == 1:
-            return
-        self._threads_before = torch.get_num_threads()
+        """cores/streams torch threads for each model thread, which sets them itself; this
+        thread, which builds the base, and every other one use one (server/torch_threads.py)."""
+        self._threads_before = cores()
         self.threads_per_stream = max(1, self._threads_before // streams)
         if streams > self._threads_before:
             logger.warning("--streams %d is more than the %d cores torch uses: streams will share "
                            "cores and each forward pass gets slower", streams, self._threads_before)
-        torch.set_num_threads(self.threads_per_stream)
-        logger.info("%d model streams x %d torch thread(s)", streams, self.threads_per_stream)
+        one_core()
+        if streams > 1:
+            logger.info("%d model streams x %d torch thread(s)", streams, self.threads_per_stream)
 
     def _preload(self) -> None:
         futures = {}
@@ -168,7 +168,7 @@ class ServeRuntime:
         except Exception:  # noqa: BLE001 - closing is best-effort at exit
             logger.debug("closing the store failed", exc_info=True)
         if self._threads_before is not None:
-            torch.set_num_threads(self._threads_before)
+            use_cores(self._threads_before)
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from server.cache import CachedResidual, LoadState
 from server.catalog import TaskVersion
 from server.errors import RequestTimeout, ShuttingDown, TaskUnavailable
 from server.loader import refusal_reason
+from server.torch_threads import cores, use_cores
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ class ReadyTask:
 class ModelWorker:
     """Runs the scheduler loop in one dedicated thread."""
 
-    def __init__(self, engine, cache, catalog, batcher: Batcher, metrics=None, name: str = "uda-model"):
+    def __init__(self, engine, cache, catalog, batcher: Batcher, metrics=None, name: str = "uda-model",
+                 cores: int | None = None):
         self.engine = engine
+        self.cores = cores  # torch threads this model thread asks for; None: torch's setting as it is
+        self.cores_in_use: int | None = None  # as the thread reads it back once started
         self.cache = cache
         self.catalog = catalog
         self.batcher = batcher
@@ -65,8 +69,19 @@ class ModelWorker:
         self.swaps = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        """Start the thread; returns once it took its cores (server/torch_threads.py)."""
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_thread, args=(ready,), name=self.name,
+                                        daemon=True)
         self._thread.start()
+        ready.wait()
+
+    def _run_thread(self, ready: threading.Event) -> None:
+        if self.cores is not None:
+            use_cores(self.cores)
+        self.cores_in_use = cores()
+        ready.set()
+        self._loop()
 
     def stop(self, grace: float) -> None:
         """Refuse new requests, finish queued ones within `grace` seconds, fail the rest."""
