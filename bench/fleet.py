@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -127,43 +126,14 @@ async def measure(args, proxy_url: str, replica_urls: list[str], procs, tasks: l
                   image: bytes, seed: int) -> dict:
     import httpx
 
-    from bench.lite import zipf_weights
+    from bench.lite import closed_loop
 
-    weights = zipf_weights(len(tasks))
-    rng = random.Random(seed)
-    latencies: list[float] = []
-    errors = 0
-    measuring = False
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         await wait_ready(client, replica_urls, procs)
-        stop_at = time.monotonic() + args.warmup + args.duration
-
-        async def worker():
-            nonlocal errors
-            while time.monotonic() < stop_at:
-                task = rng.choices(tasks, weights)[0]
-                t0 = time.perf_counter()
-                try:
-                    resp = await client.post(f"{proxy_url}/predict?task={task}&top_k=1", content=image,
-                                             headers={"content-type": "image/png"})
-                    ok = resp.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if measuring:
-                    if ok:
-                        latencies.append(time.perf_counter() - t0)
-                    else:
-                        errors += 1
-
-        workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
-        await asyncio.sleep(args.warmup)
-        before, t0 = await counters(client, replica_urls), time.monotonic()
-        measuring = True
-        await asyncio.gather(*workers)
-        after, elapsed = await counters(client, replica_urls), time.monotonic() - t0
-    return {"latencies": latencies, "errors": errors, "elapsed": elapsed,
-            "metrics": {k: after[k] - before[k] for k in after}}
+        return await closed_loop(client, proxy_url, tasks, image, concurrency=args.concurrency,
+                                 warmup=args.warmup, duration=args.duration, seed=seed,
+                                 counters=lambda: counters(client, replica_urls))
 
 
 def summarize(name: str, windows: list[dict]) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.lite import free_port, zipf_weights
+from bench.lite import closed_loop, free_port
 
 _METRICS = ("uda_residual_cache_hits_total", "uda_residual_cache_misses_total",
             "uda_swap_duration_seconds_count", "uda_swap_duration_seconds_sum",
@@ -116,35 +115,9 @@ async def scrape(client) -> dict[str, float]:
 
 async def run_level(client, tasks: list[str], image: bytes, args, seed: int) -> dict:
     """One measured window at one level: raw latencies, errors, metric deltas, seconds."""
-    weights = zipf_weights(len(tasks))
-    rng = random.Random(seed)
-    latencies: list[float] = []
-    errors = 0
-    measuring = False
-    stop_at = time.monotonic() + args.warmup + args.duration
-
-    async def worker():
-        nonlocal errors
-        while time.monotonic() < stop_at:
-            task = rng.choices(tasks, weights)[0]
-            t0 = time.perf_counter()
-            resp = await client.post(f"/predict?task={task}&top_k=1", content=image,
-                                     headers={"content-type": "image/png"})
-            if not measuring:
-                continue
-            if resp.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
-
-    workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
-    await asyncio.sleep(args.warmup)
-    before, t0 = await scrape(client), time.monotonic()
-    measuring = True
-    await asyncio.gather(*workers)
-    after, elapsed = await scrape(client), time.monotonic() - t0
-    return {"latencies": latencies, "errors": errors, "elapsed": elapsed,
-            "metrics": {k: after[k] - before[k] for k in _METRICS}}
+    return await closed_loop(client, "", tasks, image, concurrency=args.concurrency,
+                             warmup=args.warmup, duration=args.duration, seed=seed,
+                             counters=lambda: scrape(client))
 
 
 def summarize(n_tasks: int, windows: list[dict]) -> dict:

@@ -6,20 +6,14 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 
 from server.app import create_app
 from server.config import ServeConfig
+from server.ports import free_port
 from server.runtime import ServeRuntime
 from server.uvicorn_server import DrainingServer
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedServer:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from residual_store.flat import ParamLayout
 from residual_store.preprocess import eval_transform
 from residual_store.stores import open_store
 from server.cache import cached_nbytes, resident_form
+from server.ports import free_port
 from server.synthetic import image_bytes, random_residual, reference_scores
 
 MODEL = "uda-tiny-vit"
@@ -159,11 +159,6 @@ def task_label_values(metrics_text: str) -> set[str]:
     return {s.labels["task"] for f in text_string_to_metric_families(metrics_text)
             for s in f.samples if "task" in s.labels}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def uda_serve_command() -> list[str]:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,8 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import yaml
+
+from server.ports import free_port  # noqa: F401 - the ops tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -103,11 +104,6 @@ def missing_tool(message: str) -> None:
         pytest.fail(message)
     pytest.skip(message)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 120.0,
