@@ -110,10 +110,11 @@ def default_of(field: dataclasses.Field) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type,
-                  groups: Mapping[str, str] | None = None) -> None:
+                  groups: Mapping[str, str] | None = None) -> dict[str | None, Any]:
     """One argument per setting of `cls`; settings with a `group` go into argument groups made
     in the order of `groups` (key -> title). A setting with an environment variable defaults
-    to SUPPRESS, so that "not given" stays distinguishable and from_args can read the variable."""
+    to SUPPRESS, so that "not given" stays distinguishable and values_from_args can read the variable.
+    Returns the groups by key (None: the parser), for arguments that are not settings."""
     targets: dict[str | None, Any] = {None: parser}
     for key, title in (groups or {}).items():
         targets[key] = parser.add_argument_group(title)
@@ -125,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
         for name in names:
             field, s = fields[name]
             _add_argument(targets[key], name, field, s)
+    return targets
 
 
 def _add_argument(target: Any, name: str, field: dataclasses.Field, s: Setting) -> None:
