@@ -113,19 +113,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
                   groups: Mapping[str, str] | None = None) -> dict[str | None, Any]:
     """One argument per setting of `cls`; settings with a `group` go into argument groups made
     in the order of `groups` (key -> title). A setting with an environment variable defaults
-    to SUPPRESS, so that "not given" stays distinguishable and values_from_args can read the variable.
-    Returns the groups by key (None: the parser), for arguments that are not settings."""
+    to SUPPRESS, so that "not given" stays distinguishable and values_from_args reads the
+    variable instead. Returns the groups by key (None: the parser), for arguments that are not settings."""
     targets: dict[str | None, Any] = {None: parser}
     for key, title in (groups or {}).items():
         targets[key] = parser.add_argument_group(title)
-    by_group: dict[str | None, list[str]] = {key: [] for key in targets}
-    for name, (_, s) in declared(cls).items():
-        by_group[s.group].append(name)
-    fields = declared(cls)
-    for key, names in by_group.items():
-        for name in names:
-            field, s = fields[name]
-            _add_argument(targets[key], name, field, s)
+    settings = declared(cls).items()
+    for key, target in targets.items():  # group by group, so the groups' order is the help's
+        for name, (field, s) in settings:
+            if s.group == key:
+                _add_argument(target, name, field, s)
     return targets
 
 
