@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 
 from residual_store.cli import parse_command_line
 from residual_store.errors import BaseModelError, ResidualStoreError
-from trainer.config import ALPHAS, CROPS, DEVICES, METHODS, TrainConfig
-from trainer.presets import PRESET_NAMES, PRESETS
+from residual_store.settings import add_arguments, given_names, values_from_args
+from trainer.config import GROUPS, TrainConfig
 from trainer import checkpoint
 
 if TYPE_CHECKING:
@@ -53,119 +53,22 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     p = argparse.ArgumentParser(prog=PROG, description="Adapt a CLIP image encoder to a target "
                                 "domain with CMKD (+ RST) and publish the residual.")
-    g = p.add_argument_group("data (ImageFolder layout DOMAIN/<class>/<image>, or Office-31's "
-                             "DOMAIN/images/<class>/<image>)")
-    g.add_argument("--source", type=Path, help="labelled source domain folder")
-    g.add_argument("--target", type=Path, help="unlabelled target domain folder (labels only evaluate)")
-    g.add_argument("--target-eval", type=Path, metavar="DIR",
-                   help="labelled held-out target split to evaluate instead of --target")
-    g.add_argument("--data-root", type=Path, help="dataset root with one folder per domain")
-    g.add_argument("--source-domain", help="source domain folder under --data-root (e.g. Art)")
-    g.add_argument("--target-domain", help="target domain folder under --data-root (e.g. Clipart)")
-    g.add_argument("--classes", dest="classes_file", type=Path, metavar="FILE",
-                   help="display names, one per line, in sorted class-folder order")
-    g.add_argument("--prompt", default=d.prompt, help="CLIP prompt template (default: %(default)r)")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--preset", choices=PRESET_NAMES, help="the paper's recipe for a benchmark; "
-                   "explicit flags override it: " + "; ".join(f"{n}: {PRESETS[n].description}"
-                                                              for n in PRESET_NAMES))
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="open_clip model name or model-config JSON "
-                   "(default: %(default)s; tiny test configs: uda-tiny-vit, uda-tiny-rn)")
-    g.add_argument("--pretrained", default=d.pretrained, help="pretrained tag, local checkpoint "
-                   "file, or 'random' for seeded random weights (default: %(default)s)")
-    g.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-                   help="build with QuickGELU, as OpenAI trained its CLIPs (default: when the "
-                   "weights are OpenAI's)")
-    g = p.add_argument_group("method (METHOD.md)")
-    g.add_argument("--method", choices=METHODS, default=d.method)
-    g.add_argument("--rst", action="store_true", help="Residual Sparse Training")
-    g.add_argument("--tau", type=float, help="RST threshold (default: ViT 1e-6, ResNet 1e-5)")
-    g.add_argument("--fixmatch", action="store_true", help="add the FixMatch term (cmkd only)")
-    g.add_argument("--fixmatch-threshold", type=float, default=d.fixmatch_threshold)
-    g.add_argument("--fixmatch-weight", type=float, default=d.fixmatch_weight,
-                   help="weight of each FixMatch term (default: %(default)s)")
-    g.add_argument("--alpha", choices=ALPHAS, default=d.alpha, help="CMKD trade-off: "
-                   "exp(-KL(p_g||p_h)) (the paper), exp(-entropy(p_h)), or fixed --alpha-value")
-    g.add_argument("--alpha-value", type=float, default=d.alpha_value,
-                   help="the trade-off of --alpha fixed (default: %(default)s)")
-    g.add_argument("--task-weight", type=float, default=d.task_weight,
-                   help="multiplies L_task; 0 switches it off (default: %(default)s)")
-    g.add_argument("--distill-weight", type=float, default=d.distill_weight,
-                   help="multiplies L_distill; 0 switches it off (default: %(default)s)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--lambda1", type=float, default=d.lambda1)
-    g.add_argument("--lambda2", type=float, default=d.lambda2)
-    g.add_argument("--lambda3", type=float, default=d.lambda3)
-    g.add_argument("--gamma", type=float, default=d.gamma, help="ramp steepness")
-    g.add_argument("--ramp-max-steps", type=int, help="ramp T_max (default: epochs x iters-per-epoch)")
-    g = p.add_argument_group("augmentation of the training views")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip,
-                   help="random horizontal flips (--no-hflip for digits, text, anything a "
-                   "mirror turns into another class)")
-    g.add_argument("--crop", choices=CROPS, default=d.crop, help="random: resize to S*256/224 "
-                   "and crop S (default); random-resized: RandomResizedCrop to S; none: resize to S")
-    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="area range of --crop random-resized (default: 0.08 1.0)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--iters-per-epoch", type=int, default=d.iters_per_epoch)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per domain per step")
-    g.add_argument("--lr", type=float, help="encoder lr (default: ViT 3e-6, ResNet 3e-7)")
-    g.add_argument("--head-lr-mult", type=float, help="head lr = lr x this (default: ViT 1000, ResNet 10000)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("execution")
-    g.add_argument("--device", choices=DEVICES, default=d.device)
-    g.add_argument("--workers", type=int, default=d.workers,
-                   help="data loader processes (and threads decoding every image once up front; "
-                   "default: %(default)s, at most the CPU count)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--workdir", type=Path, default=d.workdir, help="default: %(default)s")
-    g.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in a workdir that "
-                   "holds a run, removing that run's checkpoint, log, report, residual and plots")
-    g.add_argument("--allow-data-change", action="store_true", help="--resume although images "
-                   "were added, removed or changed since the checkpoint (on purpose)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
-    g.add_argument("--stop-after", type=int, metavar="STEPS",
-                   help="stop after this global step with a checkpoint; continue with --resume")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--eval-every", type=int, metavar="STEPS",
-                   help="evaluate the target every STEPS steps during training (curves in "
-                   "training.png, the best step in report.json)")
-    g.add_argument("--log-every", type=int, default=d.log_every, metavar="STEPS",
-                   help="steps between progress lines when stderr is not a terminal "
-                   "(also at least every 30 s; default: %(default)s)")
-    g.add_argument("--publish", metavar="STORE_URL", help="store to publish to: a directory, "
-                   "file:///path or redis://host:6379/0")
-    g.add_argument("--task", help="task name (default: <source>2<target> folder names)")
-    g.add_argument("--allow-class-change", action="store_true", help="let --publish replace a "
-                   "task whose class list or base (model, weights) differs from this run's")
-    g.add_argument("--dry-run", action="store_true", help="validate everything, train nothing")
-    g.add_argument("--verbose", "-v", action="store_true", help="log progress details")
+    groups = add_arguments(p, TrainConfig, GROUPS)
+    groups["execution"].add_argument("--verbose", "-v", action="store_true", help="log progress details")
     return p
 
 
 def given_flags(argv: Sequence[str] | None) -> set[str]:
     """The settings the command line names explicitly (they override a --preset)."""
-    parser = build_parser()
-    for action in parser._actions:  # a default that never appears marks what was not given
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return given_names(build_parser(), argv)
 
 
 def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> TrainConfig:
     """`given`: the flags named on the command line (None: all of them, as from a script)."""
-    values = {k: v for k, v in vars(args).items()
-              if k != "verbose" and (given is None or k in given)}
-    if values.get("pretrained") in ("", "none", "None"):
-        values["pretrained"] = None
-    if values.get("crop_scale") is not None:
-        values["crop_scale"] = tuple(values["crop_scale"])
-    return TrainConfig.from_settings(values)
+    problems: list[str] = []  # uda-train's conversions (tuple, "none" weights) cannot fail
+    return TrainConfig.from_settings(values_from_args(TrainConfig, args, problems, only=given))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from residual_store.residual import (FlatResidual, Residual, check_compatible, e
                                      make_residual, to_bytes)
 from residual_store.swap import apply_residual, apply_targets
 from trainer import data, metrics
+from trainer.config import TrainConfig
 from trainer.errors import PublishError
 from trainer.loop import LOG_FILE, Trainer, TrainResult
 
@@ -162,52 +163,8 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
     residual = build_residual(trainer)
     write_atomic(artifact, validated_bytes(residual, trainer))
     logger.info("residual written to %s: %d changed encoder weights", artifact, residual.nnz)
-    if trainer.eval_domain is not None:
-        evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.eval_domain,
-                                       trainer.input_size, trainer.device, cfg.eval_batch_size,
-                                       cfg.workers, trainer.skipped)
-        summary = metrics.classification_summary(evaluation.logits, evaluation.labels,
-                                                 trainer.class_names)
-        accuracy, evaluated, eval_seconds = evaluation.accuracy, len(evaluation.labels), evaluation.seconds
-        by_precision, agreement = precision_record(artifact.read_bytes(), trainer, evaluation)
-        evaluated_on: dict[str, Any] | None = {
-            "what": trainer.eval_description, "images": evaluated,
-            "note": "the exported residual on a fresh base, serving transform"}
-    else:  # an unlabelled target and no --target-eval: nothing to measure against
-        summary = {"mean_class_accuracy": None, "per_class": None, "confusion": None}
-        accuracy, evaluated, eval_seconds, evaluated_on = None, 0, 0.0, None
-        by_precision, agreement = None, None
-    encoder_params = trainer.flat.layout.numel
-    warnings = []
-    if evaluated_on is None:
-        warnings.append(NOT_MEASURED)
-    if cfg.rst and residual.nnz == 0:
-        logger.warning("RST kept no change of the image encoder (tau %g): the residual is only a "
-                       "task head; raise --lr or lower --tau", cfg.tau)
-        warnings.append("RST kept no change of the image encoder: the residual is only a task "
-                        "head; raise --lr or lower --tau")
-    scores = {
-        "target_accuracy": accuracy,
-        "target_accuracy_note": None if evaluated_on is not None else NOT_MEASURED,
-        "mean_class_accuracy": summary["mean_class_accuracy"],
-        "target_images": evaluated,
-        ACCURACY_KEY: by_precision,  # what uda-serve --precision bf16 checks before serving
-        AGREEMENT_KEY: agreement,
-        "target_train_images": len(trainer.target.files),
-        "source_images": len(trainer.source.files),
-        "dsp": residual.dsp,
-        "nnz": residual.nnz,
-        "encoder_params": encoder_params,
-        "fraction_changed": residual.nnz / encoder_params,
-        "steps": result.steps,
-        "train_seconds": round(result.train_seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "skipped_files": len(trainer.skipped),
-        "ignored_files": trainer.ignored_files,
-        "method": cfg.method,
-        "rst": cfg.rst,
-    }
+    measured = measure(trainer, artifact)
+    scores = run_scores(trainer, result, residual, measured, wall_start)
     residual.metadata["metrics"] = json.dumps(scores, sort_keys=True)
     blob = validated_bytes(residual, trainer)
     write_atomic(artifact, blob)
@@ -217,11 +174,11 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "artifact": str(artifact),
         "classes": trainer.class_names,
         "metrics": scores,
-        "evaluated_on": evaluated_on,
-        "per_class": summary["per_class"],
-        "confusion": summary["confusion"],
+        "evaluated_on": measured.evaluated_on,
+        "per_class": measured.summary["per_class"],
+        "confusion": measured.summary["confusion"],
         "paper_protocol": best_step(records),
-        "warnings": warnings,
+        "warnings": run_warnings(cfg, residual, measured),
         "last_losses": result.last_losses,
         "skipped": [dataclasses.asdict(s) for s in trainer.skipped],
         "base": {"model": trainer.spec.model, "pretrained": trainer.spec.pretrained_label,
@@ -230,8 +187,80 @@ def export(trainer: Trainer, result: TrainResult, wall_start: float) -> ExportRe
         "settings": cfg.settings(),
     }
     write_report(workdir, report)
-    write_plots(workdir, records, summary["confusion"] or [], trainer.class_names, cfg.task_name())
+    write_plots(workdir, records, measured.summary["confusion"] or [], trainer.class_names,
+                cfg.task_name())
     return ExportResult(artifact, report, blob)
+
+
+@dataclasses.dataclass
+class Measured:
+    """What evaluating the exported artifact found (all None/0 when nothing was measured)."""
+
+    summary: dict[str, Any]  # metrics.classification_summary
+    accuracy: float | None = None
+    evaluated: int = 0  # images evaluated
+    eval_seconds: float = 0.0
+    by_precision: dict[str, Any] | None = None  # precision_record
+    agreement: Any = None
+    evaluated_on: dict[str, Any] | None = None  # what was evaluated; None: nothing
+
+
+def measure(trainer: Trainer, artifact: Path) -> Measured:
+    """The written artifact evaluated on a fresh base, as uda-serve would serve it."""
+    if trainer.eval_domain is None:  # an unlabelled target and no --target-eval
+        return Measured({"mean_class_accuracy": None, "per_class": None, "confusion": None})
+    cfg = trainer.cfg
+    evaluation = evaluate_artifact(artifact.read_bytes(), trainer.spec, trainer.eval_domain,
+                                   trainer.input_size, trainer.device, cfg.eval_batch_size,
+                                   cfg.workers, trainer.skipped)
+    summary = metrics.classification_summary(evaluation.logits, evaluation.labels,
+                                             trainer.class_names)
+    by_precision, agreement = precision_record(artifact.read_bytes(), trainer, evaluation)
+    evaluated_on = {"what": trainer.eval_description, "images": len(evaluation.labels),
+                    "note": "the exported residual on a fresh base, serving transform"}
+    return Measured(summary, evaluation.accuracy, len(evaluation.labels), evaluation.seconds,
+                    by_precision, agreement, evaluated_on)
+
+
+def run_warnings(cfg: TrainConfig, residual: Residual, measured: Measured) -> list[str]:
+    """What report.json and the end of the run warn about."""
+    warnings = []
+    if measured.evaluated_on is None:
+        warnings.append(NOT_MEASURED)
+    if cfg.rst and residual.nnz == 0:
+        logger.warning("RST kept no change of the image encoder (tau %g): the residual is only a "
+                       "task head; raise --lr or lower --tau", cfg.tau)
+        warnings.append("RST kept no change of the image encoder: the residual is only a task "
+                        "head; raise --lr or lower --tau")
+    return warnings
+
+
+def run_scores(trainer: Trainer, result: TrainResult, residual: Residual, measured: Measured,
+               wall_start: float) -> dict[str, Any]:
+    """The metrics stored in the residual's metadata and report.json."""
+    cfg, encoder_params = trainer.cfg, trainer.flat.layout.numel
+    return {
+        "target_accuracy": measured.accuracy,
+        "target_accuracy_note": None if measured.evaluated_on is not None else NOT_MEASURED,
+        "mean_class_accuracy": measured.summary["mean_class_accuracy"],
+        "target_images": measured.evaluated,
+        ACCURACY_KEY: measured.by_precision,  # what uda-serve --precision bf16 checks before serving
+        AGREEMENT_KEY: measured.agreement,
+        "target_train_images": len(trainer.target.files),
+        "source_images": len(trainer.source.files),
+        "dsp": residual.dsp,
+        "nnz": residual.nnz,
+        "encoder_params": encoder_params,
+        "fraction_changed": residual.nnz / encoder_params,
+        "steps": result.steps,
+        "train_seconds": round(result.train_seconds, 3),
+        "eval_seconds": round(measured.eval_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "skipped_files": len(trainer.skipped),
+        "ignored_files": trainer.ignored_files,
+        "method": cfg.method,
+        "rst": cfg.rst,
+    }
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
