@@ -6,6 +6,7 @@ Zipf(s) task stream, percentiles, process memory, machine facts, tables and JSON
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import json
@@ -13,7 +14,7 @@ import logging
 import os
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,18 @@ def set_threads(threads: int | None) -> None:
     """Pin torch's CPU thread count (None: leave torch's default)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def threads_set(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count is `threads` inside the block and what it was after (None:
+    unchanged); for work run in-process beside other work, like the toy-world and digits runs."""
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine_info(device: torch.device) -> dict:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.common import threads_set
 from bench.digits import fonts
 from bench.digits.data import CLASSES, DOMAINS
 from bench.toyworld.teacher import _lr_at, _optimizer, load_sidecar, save_checkpoint, sidecar_path
@@ -215,12 +216,9 @@ def ensure_teacher(cfg: TeacherConfig, data_root: Path | None = None,
         if data_root is None or set(domains) <= set(sidecar.get("zero_shot", {})):
             logger.info("reusing teacher %s", out)
             return sidecar
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # the zero-shot pass too: extra threads only wait on a busy CPU
-    try:
+    # the zero-shot pass too: extra threads only wait on a busy CPU
+    with threads_set(cfg.threads):
         sidecar = _train_and_measure(cfg, font_list, identity, data_root, domains)
-    finally:
-        torch.set_num_threads(threads)
     sidecar_path(out).write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar
 

@@ -173,18 +173,13 @@ def execute(job: Job, cfg: RunConfig) -> Outcome:
     job.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if cfg.jobs == 0:
-        import torch
-
+        from bench.common import threads_set
         from trainer import cli
 
         # --threads holds in-process too: torch's default (every core) slows a 32-pixel model
         # down ten-fold on a machine that other work shares (threads spin waiting on each other).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
+        with threads_set(cfg.threads):
             code = cli.main([*job.argv, "--overwrite"])
-        finally:
-            torch.set_num_threads(threads)
         error = None if code == 0 else f"uda-train exited with {code}"
     else:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from bench.common import threads_set
 from bench.toyworld import world
 from residual_store.base import BaseSpec, input_size
 from residual_store.errors import BaseModelError
@@ -266,12 +267,8 @@ def ensure_teacher(cfg: TeacherConfig, world_root: Path | None = None,
             logger.info("reusing teacher %s", out)
             return sidecar
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with threads_set(cfg.threads):
         model, history = pretrain(cfg)
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
     save_checkpoint(model, out)
     # Zero-shot is measured on the checkpoint as loaded, exactly what uda-train will get.
