@@ -321,7 +321,7 @@ class Catalog:
                 return
             backoff = min(backoff * 2, 10.0)
 
-    # -- changes: posted by any thread ---------------------------------------------------------------
+    # -- changes: posted by any thread ----------------------------------------------------------
 
     def consider(self, task: str, version: int, sha256: str, info=None, reset: bool = False,
                  deletions: int | None = None) -> None:
@@ -402,7 +402,7 @@ class Catalog:
     def remove(self, task: str) -> None:
         self._control.post(_Deleted(task), wait=True)
 
-    # -- changes: applied on the control thread only ------------------------------------------------
+    # -- changes: applied on the control thread only --------------------------------------------
 
     def _apply(self, message) -> None:
         """The one place the records change: each message's transition, with its actions."""
@@ -432,9 +432,10 @@ class Catalog:
         rec = self._record(c.task)
         old, pinned = rec.served, c.task in self.cache.pinned
         warm = old is not None and (self.cache.peek(old.key) is not None or pinned)
-        for stage in self._step(c.task, *offered(rec, c, reset=message.reset,
-                                                 mismatch=message.mismatch, warm=warm,
-                                                 pinned=pinned, can_check=self._verify is not None)):
+        stages = self._step(c.task, *offered(rec, c, reset=message.reset, mismatch=message.mismatch,
+                                             warm=warm, pinned=pinned,
+                                             can_check=self._verify is not None))
+        for stage in stages:
             self._stage(stage, message.deletions, message.reset)
 
     def _step(self, task: str, rec: TaskRecord, actions: list[Action]) -> list[Stage]:
