@@ -11,6 +11,7 @@ version serving. The served version only moves forward (store versions increase)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from types import MappingProxyType
 from residual_store.errors import ResidualStoreError, UnknownTask
 from residual_store.residual import base_mismatch_detail
 from residual_store.stores import validate_task_name
+from server.control_thread import ControlThread
 from server.daemon_pool import DaemonPool
 from server.errors import TaskUnavailable
 from server.loader import refusal_reason
@@ -50,8 +52,69 @@ _VERIFY_WORKERS = 2  # concurrent checks of new versions of cold tasks (each rea
 __all__ = ["Catalog", "Refusal", "TaskVersion"]
 
 
+# -- messages to the control thread ----------------------------------------------------------------
+# Each carries what its sender learnt on its own thread (a store read, a load's outcome); the
+# control thread applies it to the task's record as it is then.
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """The store's current (version, sha256) of `task` renumbers the served version (the same
+    bytes under a higher number): no store read needed. `deletions` as in _Offered."""
+
+    task: str
+    version: int
+    sha256: str
+    reset: bool
+    deletions: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Offered:
+    """The store's metadata of `candidate` was read by a sender that had seen `deletions`
+    deletes of the task (a delete since makes it stale); `mismatch`: why its base is not ours."""
+
+    candidate: TaskVersion
+    reset: bool
+    mismatch: str | None
+    deletions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    """A load or check of `candidate`, begun in `generation`, ended (see task_state.staged)."""
+
+    candidate: TaskVersion
+    generation: int
+    cancelled: bool
+    refusal: Refusal | None
+    error: str | None
+    reset: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadRefused:
+    """A load of the served `tv` found a bad file."""
+
+    tv: TaskVersion
+    refusal: Refusal
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deleted:
+    """The store confirmed that `task` was deleted."""
+
+    task: str
+
+
 class Catalog:
-    """The served version of every published task; thread-safe."""
+    """The served version of every published task; thread-safe.
+
+    One control thread (`uda-catalog`) owns the task records: it alone applies the transitions
+    of server/task_state.py and their actions (cache evictions, logs, metrics, starting loads
+    and checks). The followers, the model threads and the admin calls read the store on their
+    own threads (a slow store stalls no other task) and post what they learnt as a message;
+    everyone reads the immutable snapshots the control thread publishes after each change.
+    """
 
     def __init__(self, store, cache, fingerprint: str, metrics=None,
                  reconcile_interval: float = 1.0, on_change=None, verify=None,
@@ -67,13 +130,14 @@ class Catalog:
         self.metrics = metrics
         self.reconcile_interval = reconcile_interval
         self._on_change = on_change or (lambda: None)
-        # One record per task seen (served version, staging, refusal, generation); changed only
-        # through the transitions of server/task_state.py, under the lock.
-        self._records: dict[str, TaskRecord] = {}
-        # task -> served version, replaced (never changed) after each change of a served
-        # version: model threads and request handlers read it without the lock.
+        # One record per task seen (served version, staging, refusal, generation), changed only
+        # through the transitions of server/task_state.py, on the control thread only. Both maps
+        # are replaced (never changed) by it after each change, so any thread reads them without
+        # a lock: the records let a follower skip a store read for old news, and model threads
+        # and request handlers read task -> served version (its `key` is the cache key).
+        self._records: Mapping[str, TaskRecord] = MappingProxyType({})
         self._served: Mapping[str, TaskVersion] = MappingProxyType({})
-        self._lock = threading.RLock()
+        self._control = ControlThread("uda-catalog", self._apply)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.store_error: str | None = None  # last store failure, None when the store answers
@@ -107,8 +171,7 @@ class Catalog:
         return dict(self._served)
 
     def refusals(self) -> dict[str, Refusal]:
-        with self._lock:
-            return {t: r.refusal for t, r in self._records.items() if r.refusal is not None}
+        return {t: r.refusal for t, r in self._records.items() if r.refusal is not None}
 
     # -- following the store ----------------------------------------------------------------------
 
@@ -120,14 +183,16 @@ class Catalog:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the followers and the checks; waits at most about `timeout` seconds for a store
-        read in progress."""
+        """End the followers, the checks and then the control thread, once it applied what they
+        posted; waits at most about `timeout` seconds for a store read in progress. A load that
+        ends after this changes nothing."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._verifier is not None:
             self._verifier.close(max(0.0, deadline - time.monotonic()))
+        self._control.close(max(0.0, deadline - time.monotonic()))
 
     def reconcile(self) -> bool:
         """Compare with the store's current versions and apply the differences; False if the store
@@ -135,9 +200,8 @@ class Catalog:
         # What was served before the listing: a task the event follower adds while the loop
         # below reads the store is not in `current`, and is no deleted task.
         known = set(self.tasks())
-        with self._lock:
-            # A delete that lands after the listing was read makes its entry for that task stale.
-            deletions = {t: r.generation for t, r in self._records.items()}
+        # A delete that lands after the listing was read makes its entry for that task stale.
+        deletions = {t: r.generation for t, r in self._records.items()}
         try:
             # ping first: a directory store whose volume vanished would list "no tasks", and
             # deleting every task then would be wrong; unreachable means keep serving.
@@ -208,10 +272,9 @@ class Catalog:
 
     def _ahead_of(self, task: str, version: int) -> bool:
         """True when `task` is served or staging at a version newer than `version`."""
-        with self._lock:
-            rec = self._record(task)
-            now, staging = rec.served, rec.staging
-            return now is not None and max(now.version, staging[0] if staging else -1) > version
+        rec = self._record(task)
+        now, staging = rec.served, rec.staging
+        return now is not None and max(now.version, staging[0] if staging else -1) > version
 
     def _lost(self, task: str, served: TaskVersion) -> bool:
         """True when the store no longer has the served version (it was reset)."""
@@ -258,7 +321,7 @@ class Catalog:
                 return
             backoff = min(backoff * 2, 10.0)
 
-    # -- changes ------------------------------------------------------------------------------------
+    # -- changes: posted by any thread ----------------------------------------------------------
 
     def consider(self, task: str, version: int, sha256: str, info=None, reset: bool = False,
                  deletions: int | None = None) -> None:
@@ -266,16 +329,19 @@ class Catalog:
         VersionInfo when the caller has it already; `reset`: the store lost the served version
         and numbers again from 1, so a lower version is news; `deletions`: how many deletes of
         the task the catalog had seen when the caller read the store, for a read that may have
-        been overtaken by a delete since)."""
-        with self._lock:
-            if self._overtaken(task, deletions):
-                return
-            rec, news = seen(self._record(task), version, sha256, reset)
-            self._put(task, rec)
-            if not news:
-                return
-            if deletions is None:  # the store is read below: a delete meanwhile overtakes it
-                deletions = rec.generation
+        been overtaken by a delete since). Returns once the control thread applied it."""
+        if self._overtaken(task, deletions):
+            return
+        # Decided on the published record, so old news costs no store read and no message; the
+        # control thread decides again on the record as it is when the message arrives.
+        rec = self._record(task)
+        renumbered, news = seen(rec, version, sha256, reset)
+        if renumbered is not rec:
+            self._control.post(_Seen(task, version, sha256, reset, deletions), wait=True)
+        if not news:
+            return
+        if deletions is None:  # the store is read below: a delete meanwhile overtakes it
+            deletions = rec.generation
         try:
             info = info if info is not None else self.store.info(task, version)
         except UnknownTask:
@@ -289,27 +355,92 @@ class Catalog:
         theirs = candidate.metadata.get("base_fingerprint", "")
         mismatch = None if theirs == self.fingerprint else base_mismatch_detail(
             candidate.metadata, self.fingerprint, self.activation)
-        with self._lock:
-            # Again: the lock was released for the store read, and the other follower (events
-            # vs reconcile) may have refused, staged or switched to this version meanwhile.
-            if self._overtaken(task, deletions):
-                return
-            rec = self._record(task)
-            old, pinned = rec.served, task in self.cache.pinned
-            warm = old is not None and (self.cache.peek(old.key) is not None or pinned)
-            stages = self._step(task, *offered(rec, candidate, reset=reset, mismatch=mismatch,
-                                               warm=warm, pinned=pinned,
-                                               can_check=self._verify is not None))
-        self._start(stages, deletions, reset)
+        self._control.post(_Offered(candidate, reset, mismatch, deletions), wait=True)
 
     def _overtaken(self, task: str, deletions: int | None) -> bool:
         """True when `task` was deleted since a read that saw `deletions` deletes of it."""
         return deletions is not None and self._record(task).generation != deletions
 
+    def _staged(self, candidate: TaskVersion, future: Future, generation: int,
+                reset: bool = False) -> None:
+        """A load's or check's done-callback (on a pool thread, or on the control thread when
+        the future was done at once). It waits for the control thread to apply the outcome:
+        whoever the future wakes next (the cache's on_change, a test's wait) then sees the
+        switch or the refusal it led to, as when the callback changed the record itself."""
+        cancelled = future.cancelled()  # the check never ran: the catalog stopped
+        error = None if cancelled else future.exception()
+        reason = refusal_reason(error) if error is not None else None
+        refusal = Refusal(candidate.version, candidate.sha256, reason, str(error)) if reason else None
+        failed = str(error) if error is not None and reason is None else None
+        self._control.post(_Staged(candidate, generation, cancelled, refusal, failed, reset),
+                           wait=True)
+
+    def refuse_loaded(self, tv: TaskVersion, error: BaseException) -> None:
+        """A load of the served `tv` failed. If the file itself is bad (a refusal), the task
+        leaves service with it, like a new task refused before its switch: requests get the
+        refusal (503) without the blob being fetched and parsed again, until a new version is
+        published. A new task's first version is switched to unchecked (no blob read per task
+        at start), so this is where a bad one is found."""
+        reason = refusal_reason(error)
+        if reason is None:
+            return  # not the file's fault (store blip, cache full): the next request tries again
+        refusal = Refusal(tv.version, tv.sha256, reason, str(error))  # the loader counted it
+        self._control.post(_LoadRefused(tv, refusal), wait=True)
+
+    def _confirmed_remove(self, task: str) -> None:
+        """Remove after a delete event or a listing without `task` only if the store, reachable,
+        agrees: a directory store whose volume vanished reports every task deleted, and those
+        must keep serving."""
+        try:
+            self.store.ping()
+            self.store.info(task)
+        except UnknownTask:
+            self.remove(task)
+        except (ResidualStoreError, OSError) as e:
+            logger.warning("not removing %s while the store is unreachable: %s", task, e)
+
+    def remove(self, task: str) -> None:
+        self._control.post(_Deleted(task), wait=True)
+
+    # -- changes: applied on the control thread only --------------------------------------------
+
+    def _apply(self, message) -> None:
+        """The one place the records change: each message's transition, with its actions."""
+        match message:
+            case _Seen(task, version, sha256, reset, deletions):
+                if not self._overtaken(task, deletions):
+                    self._put(task, seen(self._record(task), version, sha256, reset)[0])
+            case _Offered():
+                self._offer(message)
+            case _Staged(c, generation, cancelled, refusal, error, reset):
+                self._step(c.task, *staged(self._record(c.task), c, generation,
+                                           cancelled=cancelled, refusal=refusal, error=error,
+                                           reset=reset))
+            case _LoadRefused(tv, refusal):
+                self._step(tv.task, *load_refused(self._record(tv.task), tv, refusal))
+            case _Deleted(task):
+                self._step(task, *deleted(self._record(task)))
+            case _:
+                raise TypeError(f"not a catalog message: {message!r}")
+
+    def _offer(self, message: _Offered) -> None:
+        c = message.candidate
+        # Again: the other follower (events vs reconcile) may have refused, staged or switched
+        # to this version, or a delete come, since the sender read the store.
+        if self._overtaken(c.task, message.deletions):
+            return
+        rec = self._record(c.task)
+        old, pinned = rec.served, c.task in self.cache.pinned
+        warm = old is not None and (self.cache.peek(old.key) is not None or pinned)
+        stages = self._step(c.task, *offered(rec, c, reset=message.reset, mismatch=message.mismatch,
+                                             warm=warm, pinned=pinned,
+                                             can_check=self._verify is not None))
+        for stage in stages:
+            self._stage(stage, message.deletions, message.reset)
+
     def _step(self, task: str, rec: TaskRecord, actions: list[Action]) -> list[Stage]:
-        """Store a transition's record and carry out its actions in the same critical section
-        (the caller holds the lock), so the cache, the logs and the metrics follow the records
-        in order; returns the loads and checks to start once the lock is released."""
+        """Store a transition's record and carry out its actions at once, so the cache, the logs
+        and the metrics follow the records in order; returns the loads and checks to start."""
         self._put(task, rec)
         for action in actions:
             if isinstance(action, Switched):
@@ -335,41 +466,29 @@ class Catalog:
         return [action for action in actions if isinstance(action, Stage)]
 
     def _put(self, task: str, rec: TaskRecord) -> None:
-        """Store `task`'s record (the lock held) and publish a new snapshot of the served
-        versions when its served version changed."""
+        """Store `task`'s record: publish new snapshots of the records and, when its served
+        version changed, of the served versions (copied whole: readers hold the old ones)."""
         old = self._records.get(task)
-        self._records[task] = rec
+        if old is rec:
+            return
+        records = dict(self._records)
+        records[task] = rec
+        self._records = MappingProxyType(records)
         if (old.served if old is not None else None) != rec.served:
-            served = {t: r.served for t, r in self._records.items() if r.served is not None}
+            served = {t: r.served for t, r in records.items() if r.served is not None}
             self._served = MappingProxyType(served)
-
-    def _start(self, stages: list[Stage], generation: int, reset: bool = False) -> None:
-        for stage in stages:
-            self._stage(stage, generation, reset)
 
     def _stage(self, action: Stage, generation: int, reset: bool) -> None:
         c = action.candidate
         if action.check:
             # A served version exists but is not resident: check the new file before it
             # replaces it (no device upload), or a bad file would turn a cold good task into a
-            # 503. Off this thread: a follower waiting on one file would hold every other
-            # change back.
+            # 503. Off this thread: the control thread waiting on one file would hold every
+            # other change back.
             future = self._verifier.submit(self._verify, c.task, c.version, c.sha256)
         else:
             future = self.cache.load_async(c.task, c.version, c.sha256)
         future.add_done_callback(lambda f: self._staged(c, f, generation, reset))
-
-    def _staged(self, candidate: TaskVersion, future: Future, generation: int,
-                reset: bool = False) -> None:
-        cancelled = future.cancelled()  # the check never ran: the catalog stopped
-        error = None if cancelled else future.exception()
-        reason = refusal_reason(error) if error is not None else None
-        refusal = Refusal(candidate.version, candidate.sha256, reason, str(error)) if reason else None
-        failed = str(error) if error is not None and reason is None else None
-        with self._lock:
-            self._step(candidate.task, *staged(
-                self._record(candidate.task), candidate, generation, cancelled=cancelled,
-                refusal=refusal, error=failed, reset=reset))
 
     def _switched(self, action: Switched) -> None:
         old, new = action.old, action.new
@@ -398,32 +517,3 @@ class Catalog:
                 self.metrics.published(len(self._served))
                 self.metrics.forget_task(c.task)
             self._on_change()
-
-    def refuse_loaded(self, tv: TaskVersion, error: BaseException) -> None:
-        """A load of the served `tv` failed. If the file itself is bad (a refusal), the task
-        leaves service with it, like a new task refused before its switch: requests get the
-        refusal (503) without the blob being fetched and parsed again, until a new version is
-        published. A new task's first version is switched to unchecked (no blob read per task
-        at start), so this is where a bad one is found."""
-        reason = refusal_reason(error)
-        if reason is None:
-            return  # not the file's fault (store blip, cache full): the next request tries again
-        refusal = Refusal(tv.version, tv.sha256, reason, str(error))  # the loader counted it
-        with self._lock:
-            self._step(tv.task, *load_refused(self._record(tv.task), tv, refusal))
-
-    def _confirmed_remove(self, task: str) -> None:
-        """Remove after a delete event or a listing without `task` only if the store, reachable,
-        agrees: a directory store whose volume vanished reports every task deleted, and those
-        must keep serving."""
-        try:
-            self.store.ping()
-            self.store.info(task)
-        except UnknownTask:
-            self.remove(task)
-        except (ResidualStoreError, OSError) as e:
-            logger.warning("not removing %s while the store is unreachable: %s", task, e)
-
-    def remove(self, task: str) -> None:
-        with self._lock:
-            self._step(task, *deleted(self._record(task)))

@@ -252,3 +252,80 @@ def test_a_residual_loading_when_its_task_is_deleted_is_not_kept(tmp_path):
     catalog.stop()
     cache.close()
     store.close()
+
+
+def test_every_record_change_is_applied_on_the_control_thread(tmp_path, monkeypatch):
+    """Whichever thread learns something (a follower, a model thread, a load or a check ending
+    on a pool thread, the test's own thread), the records change on the catalog's control
+    thread alone: the others only post what they learnt."""
+    writers = []
+    put = Catalog._put
+
+    def spied_put(self, task, rec):  # the one writer of the records, spied on, still run
+        writers.append((threading.current_thread().name, task))
+        put(self, task, rec)
+
+    monkeypatch.setattr(Catalog, "_put", spied_put)
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    cache.pin("P")
+    for task, seed in (("A", 1), ("B", 2), ("P", 3)):
+        store.publish(task, rs.make_version(task, seed).blob)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=loader.verify)
+    catalog.reconcile()  # A and B switched at once; P (pinned) loaded on the cache's thread first
+    rs.wait_for("P loaded and served", lambda: catalog.get("P") is not None)
+
+    info = store.publish("A", rs.make_version("A", 4).blob)  # A is cold: checked first
+    on_thread(catalog.consider, "A", info.version, info.sha256, name="follower")
+    rs.wait_for("A v2 checked and served", lambda: catalog.get("A").version == info.version)
+
+    # B's file goes bad on disk; a model thread's load finds it and takes B out of service.
+    served = catalog.get("B")
+    for blob in (tmp_path / "store").rglob(f"B/v*{served.version}.safetensors"):
+        blob.write_bytes(b"not the published bytes")
+    with pytest.raises(Exception) as bad:
+        loader("B", served.version, served.sha256)
+    on_thread(catalog.refuse_loaded, served, bad.value, name="model")
+    assert catalog.get("B") is None and catalog.refusals()["B"].version == served.version
+
+    store.delete("A")
+    on_thread(catalog._confirmed_remove, "A", name="events")  # what the delete event does
+    assert set(catalog.tasks()) == {"P"}
+    catalog.stop()
+    assert {task for _, task in writers} == {"A", "B", "P"}
+    assert {name for name, _ in writers} == {"uda-catalog"}
+    cache.close()
+    store.close()
+
+
+def on_thread(call, *args, name: str) -> None:
+    """`call(*args)` on a thread of its own, as a follower or a model thread would make it."""
+    thread = threading.Thread(target=call, args=args, name=name)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_check_from_before_a_delete_changes_nothing_when_it_ends(tmp_path):
+    """A v2's check (held open) begins; A is deleted, the store wiped and A published again (v1
+    once more, other bytes), served at once as a new task. The old check's result then arrives
+    at the control thread tagged with the generation before the delete: it must be dropped, not
+    switch A back to the deleted v2 (a higher number than the v1 of now)."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    store.publish("A", rs.make_version("A", 1).blob)
+    verify = rs.Held(loader.verify, "A", 2, after=True)  # the file is read and good, then held
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog.reconcile()
+    old = store.publish("A", rs.make_version("A", 2).blob)
+    catalog.consider("A", old.version, old.sha256)  # A is cold: v2's file is checked first
+    assert verify.arrived.wait(60)
+    store.delete("A")
+    catalog._confirmed_remove("A")
+    shutil.rmtree(tmp_path / "store")
+    new = store.publish("A", rs.make_version("A", 3).blob)
+    assert new.version < old.version
+    catalog.consider("A", new.version, new.sha256)
+    assert catalog.get("A").sha256 == new.sha256
+    verify.release.set()
+    catalog.stop()  # waits for the check and for the control thread to apply its result
+    assert catalog.get("A").sha256 == new.sha256 and "A" not in catalog.refusals()
+    store.close()
