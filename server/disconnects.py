@@ -40,7 +40,11 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
+        # uvicorn answers 500 as soon as this task ends; ending before `work` has run its own
+        # cancellation (which takes the request out of the queue) let a model thread freed in
+        # between compute the queue nobody reads any more, as the drain test caught under load.
         job.cancel()
+        await asyncio.wait({job})
         raise
     finally:
         watcher.cancel()
