@@ -36,6 +36,23 @@ def parts(tmp_path):
     return store, engine, metrics, loader, ResidualCache(1 << 30, loader, metrics=metrics)
 
 
+def a_check_of_v2_held_then_deleted(tmp_path):
+    """A v1 served, A v2 published: A is cold, so v2's file is checked first; the check has
+    read a good file and is held open while A is deleted (the store and the delete event).
+    Returns the store, the catalog, the held check and v2's store record."""
+    store, engine, metrics, loader, cache = parts(tmp_path)
+    store.publish("A", rs.make_version("A", 1).blob)
+    verify = rs.Held(loader.verify, "A", 2, after=True)
+    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
+    catalog.reconcile()
+    v2 = store.publish("A", rs.make_version("A", 2).blob)
+    catalog.consider("A", v2.version, v2.sha256)
+    assert verify.arrived.wait(60)
+    store.delete("A")
+    catalog._confirmed_remove("A")  # what the delete event does
+    return store, catalog, verify, v2
+
+
 def test_reconcile_keeps_what_the_event_follower_added_while_it_ran(tmp_path, monkeypatch):
     store, engine, metrics, loader, cache = parts(tmp_path)
     for task, seed in (("A", 1), ("C", 2)):
@@ -153,16 +170,7 @@ def test_a_version_superseded_while_it_loaded_leaves_the_cache(tmp_path):
 def test_a_task_deleted_while_its_new_version_is_checked_stays_deleted(tmp_path):
     """The event follower, in order: A v2 published (A is cold: its file is checked, held open),
     then A deleted. The check ending after the delete must not bring A back."""
-    store, engine, metrics, loader, cache = parts(tmp_path)
-    store.publish("A", rs.make_version("A", 1).blob)
-    verify = rs.Held(loader.verify, "A", 2, after=True)  # the file is read and good, then held
-    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
-    catalog.reconcile()
-    info = store.publish("A", rs.make_version("A", 2).blob)
-    catalog.consider("A", info.version, info.sha256)
-    assert verify.arrived.wait(60)
-    store.delete("A")
-    catalog._confirmed_remove("A")  # what the delete event does
+    store, catalog, verify, _ = a_check_of_v2_held_then_deleted(tmp_path)
     verify.release.set()
     catalog.stop()  # waits for the check and what it does when it ends
     assert catalog.tasks() == {}
@@ -310,16 +318,7 @@ def test_a_check_from_before_a_delete_changes_nothing_when_it_ends(tmp_path):
     once more, other bytes), served at once as a new task. The old check's result then arrives
     at the control thread tagged with the generation before the delete: it must be dropped, not
     switch A back to the deleted v2 (a higher number than the v1 of now)."""
-    store, engine, metrics, loader, cache = parts(tmp_path)
-    store.publish("A", rs.make_version("A", 1).blob)
-    verify = rs.Held(loader.verify, "A", 2, after=True)  # the file is read and good, then held
-    catalog = Catalog(store, cache, engine.fingerprint, metrics, verify=verify)
-    catalog.reconcile()
-    old = store.publish("A", rs.make_version("A", 2).blob)
-    catalog.consider("A", old.version, old.sha256)  # A is cold: v2's file is checked first
-    assert verify.arrived.wait(60)
-    store.delete("A")
-    catalog._confirmed_remove("A")
+    store, catalog, verify, old = a_check_of_v2_held_then_deleted(tmp_path)
     shutil.rmtree(tmp_path / "store")
     new = store.publish("A", rs.make_version("A", 3).blob)
     assert new.version < old.version
